@@ -1,0 +1,131 @@
+"""`python -m align ...`: compose the config with Hydra, check it, run the chosen stage.
+
+Config mistakes are reported in one line before Hydra or any model starts: Hydra's own messages
+span several lines and end with a hint about stack traces, which reads like a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import logging
+import sys
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from align.config import CONF_DIR, REPO_ROOT, STAGES, AlignConfig, register_configs
+from align.errors import AlignError, ConfigError
+
+log = logging.getLogger("align")
+
+
+def _asset(name: str) -> str:
+    return str(REPO_ROOT / "align" / "assets" / name)
+
+
+OmegaConf.register_new_resolver("asset", _asset, replace=True)
+register_configs()
+
+
+def _schema_keys(schema: type = AlignConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(schema):
+        keys.append(prefix + f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            keys.extend(_schema_keys(type(default), f"{prefix}{f.name}."))
+    return keys
+
+
+def _one_line(exc: BaseException) -> str:
+    """The clearest single line we can say about a composition failure."""
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, option = exc.missing_cfg_file.rpartition("/")
+        options = ", ".join(exc.options or [])
+        return f"unknown {group} option '{option}' (available: {options})"
+    cause = exc
+    while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        key = getattr(cause, "full_key", None) or ""
+        text = str(cause).splitlines()[0]
+        if isinstance(cause, ConfigKeyError | ConfigAttributeError):
+            known = _schema_keys()
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            return f"unknown config key '{key}'{hint}"
+        if "Missing mandatory value" in text:
+            return f"config key '{key}' must be set"
+        return f"{key}: {text}" if key else text
+    return str(exc).splitlines()[0]
+
+
+def _is_plain_override(arg: str) -> bool:
+    return not arg.startswith("-") and not arg.startswith("hydra") and "=" in arg
+
+
+def check_overrides(overrides: list[str]) -> AlignConfig:
+    """Compose and type-check the config the way Hydra will; raise ConfigError in one line."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        config = OmegaConf.to_object(cfg)
+    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as exc:
+        raise ConfigError(_one_line(exc)) from exc
+    validate(config)
+    return config
+
+
+def validate(config: AlignConfig) -> None:
+    """Cross-field checks that need no model or data on disk."""
+    if config.stage_name not in STAGES:
+        raise ConfigError(f"stage_name '{config.stage_name}' is not one of {', '.join(STAGES)}")
+    if config.train.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, not '{config.train.precision}'")
+    if config.deepspeed.stage not in (0, 2, 3):
+        raise ConfigError(f"deepspeed.stage must be 0, 2 or 3, not {config.deepspeed.stage}")
+    if config.logger.backend not in ("none", "wandb"):
+        raise ConfigError(f"logger.backend must be none or wandb, not '{config.logger.backend}'")
+    if config.model.init not in ("pretrained", "random"):
+        raise ConfigError(f"model.init must be pretrained or random, not '{config.model.init}'")
+    for key in ("batch_size", "grad_accum"):
+        if getattr(config.train, key) < 1:
+            raise ConfigError(f"train.{key} must be at least 1")
+    if config.train.max_steps == 0 or config.train.max_steps < -1:
+        raise ConfigError("train.max_steps must be positive, or -1 to train for train.epochs")
+
+
+def run_stage(config: AlignConfig) -> dict[str, float]:
+    stage = importlib.import_module(f"align.stages.{config.stage_name}")
+    return stage.run(config)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_entry(cfg: DictConfig) -> None:
+    try:
+        config = OmegaConf.to_object(cfg)
+        validate(config)
+        run_stage(config)
+    except AlignError as exc:
+        _fail(exc)
+
+
+def _fail(exc: AlignError) -> None:
+    print(f"align: {type(exc).__name__}: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    # A multirun sweep ('a=1,2') is not a single config; Hydra checks each job itself.
+    if not any(a in ("-m", "--multirun") or a.startswith(("--help", "-h", "--hydra-help")) for a in args):
+        try:
+            check_overrides([a for a in args if _is_plain_override(a)])
+        except AlignError as exc:
+            _fail(exc)
+    _hydra_entry()

@@ -1,0 +1,164 @@
+"""Load tokenizers and models by hub id or local path, give them ChatML, wrap them in LoRA.
+
+Weights load only from safetensors, and checkpoint code runs only with
+`model.trust_remote_code=true`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from align.chat import ensure_chat_template
+from align.config import ModelConfig, PeftConfig
+from align.errors import ConfigError, ModelError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith(("/", ".", "~")) or os.path.exists(name_or_path)
+
+
+def _check_exists(cfg: ModelConfig) -> None:
+    path = Path(cfg.name_or_path).expanduser()
+    if _looks_local(cfg.name_or_path) and not path.is_dir():
+        raise ModelError(f"model.name_or_path '{cfg.name_or_path}' is not a directory")
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    _check_exists(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load a tokenizer from '{cfg.name_or_path}': {str(exc).splitlines()[0]}"
+        ) from exc
+    ensure_chat_template(tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise ModelError(
+            f"the tokenizer of '{cfg.name_or_path}' has no EOS token; generation could never stop"
+        )
+    if tokenizer.pad_token_id is None:
+        # Padding is masked everywhere, so any existing token serves; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_config(cfg: ModelConfig) -> AutoConfig:
+    _check_exists(cfg)
+    try:
+        return AutoConfig.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load a model config from '{cfg.name_or_path}': {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        resolve_precision(precision)
+    ]
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def load_causal_lm(
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    precision: str = "auto",
+    seed: int = 0,
+    dropout: float | None = None,
+) -> PreTrainedModel:
+    """A causal LM ready for training: embeddings cover the tokenizer, dropout as asked."""
+    config = load_model_config(cfg)
+    if dropout is not None and hasattr(config, "attention_dropout"):
+        config.attention_dropout = dropout
+    dtype = torch_dtype(precision)
+    kwargs = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation}
+    if cfg.init == "random":
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.name_or_path,
+                config=config,
+                revision=cfg.revision,
+                dtype=dtype,
+                use_safetensors=True,
+                **kwargs,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(
+                f"cannot load weights from '{cfg.name_or_path}': {str(exc).splitlines()[0]}"
+            ) from exc
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def module_names(model_cfg: ModelConfig) -> set[str]:
+    """Names of every submodule, from the config alone (meta device: no memory, no weights)."""
+    config = load_model_config(model_cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    return {name for name, _ in model.named_modules()}
+
+
+def check_lora_targets(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> None:
+    """Fail before any weights load when a LoRA target names no module of the model."""
+    if not peft_cfg.enabled:
+        return
+    names = module_names(model_cfg)
+    for target in [*peft_cfg.target_modules, *peft_cfg.modules_to_save]:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in names if "." in name})
+            raise ConfigError(
+                f"peft target '{target}' is not a module of {model_cfg.name_or_path} "
+                f"(it has: {', '.join(leaves)})"
+            )
+
+
+def apply_lora(model: PreTrainedModel, cfg: PeftConfig, *, new_tokens: bool) -> PeftModel:
+    modules_to_save = list(cfg.modules_to_save)
+    if new_tokens:
+        # A base model meeting ChatML tokens for the first time must learn their embeddings.
+        modules_to_save += [m for m in ("embed_tokens", "lm_head") if m not in modules_to_save]
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        modules_to_save=modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()

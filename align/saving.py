@@ -1,0 +1,59 @@
+"""Write `final/`: Hugging Face format, safetensors, tokenizer and chat template.
+
+With LoRA, `final/` holds the adapter; `peft.merge=true` adds merged full weights in
+`final/merged/`. A randomly initialised base (the tiny demo) is not on any hub, so its weights
+are saved in `base/` and the adapter points there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Trainer
+
+from align.config import AlignConfig
+from align.models import ADAPTER_CONFIG
+
+
+def save_random_base(model: PreTrainedModel, out: Path) -> Path:
+    """Keep the weights a random-init base had before LoRA, so the adapter can be reloaded."""
+    base = out / "base"
+    model.save_pretrained(base)
+    return base
+
+
+def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, config: AlignConfig, out: Path) -> Path:
+    final = out / "final"
+    # save_model gathers ZeRO-3 shards to rank 0 and writes only there.
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final)
+        if config.peft.enabled:
+            _point_adapter_at_base(final, out)
+            if config.peft.merge:
+                merge_adapter(final, final / "merged", tokenizer)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def _point_adapter_at_base(final: Path, out: Path) -> None:
+    base = out / "base"
+    if not base.is_dir():
+        return
+    path = final / ADAPTER_CONFIG
+    adapter = json.loads(path.read_text())
+    adapter["base_model_name_or_path"] = str(base.resolve())
+    path.write_text(json.dumps(adapter, indent=2))
+
+
+def merge_adapter(adapter_dir: Path, target: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Fold the adapter into a fresh copy of its base, on CPU, and save full weights."""
+    adapter = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    base = AutoModelForCausalLM.from_pretrained(adapter["base_model_name_or_path"], use_safetensors=True)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(target)
+    tokenizer.save_pretrained(target)

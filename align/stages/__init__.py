@@ -1,0 +1,1 @@
+"""One recipe module per stage; each exposes `run(config) -> final metrics`."""

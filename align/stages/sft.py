@@ -1,0 +1,76 @@
+"""Supervised finetuning (Qwen report, section 3.1) on TRL's SFTTrainer.
+
+The recipe: load the tokenizer and the data (rendered to ChatML, assistant-only masks), load the
+model (plus LoRA), train with checkpoints and evaluation, save `final/` in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from trl import SFTConfig, SFTTrainer
+
+from align import models, rundir
+from align.config import AlignConfig
+from align.data import load_recipe_data
+from align.hf_callbacks import TrackerCallback
+from align.saving import save_final, save_random_base
+from align.tracking import Tracker
+from align.training_args import hf_training_kwargs
+
+log = logging.getLogger("align.sft")
+
+
+def run(config: AlignConfig) -> dict[str, float]:
+    models.check_lora_targets(config.model, config.peft)
+    tokenizer = models.load_tokenizer(config.model)
+    data = load_recipe_data(
+        config.data.recipe,
+        "sft",
+        tokenizer,
+        seed=config.seed,
+        max_length=config.train.max_length,
+        on_error=config.data.on_error,
+        cache_dir=config.data.cache_dir,
+    )
+    args = SFTConfig(
+        **hf_training_kwargs(config, has_eval=data.eval is not None),
+        max_length=config.train.max_length,
+        packing=config.sft.packing,
+        # Best-fit packing keeps whole conversations and marks their boundaries with position_ids,
+        # so attention never crosses from one conversation into the next.
+        packing_strategy="bfd",
+        dataset_num_proc=None,
+    )
+    out = rundir.prepare(config, is_main=args.process_index == 0)
+    tracker = Tracker(config, out, is_main=args.process_index == 0)
+
+    model = models.load_causal_lm(
+        config.model,
+        tokenizer,
+        precision=config.train.precision,
+        seed=config.seed,
+        dropout=config.train.dropout,
+    )
+    if config.peft.enabled:
+        if config.model.init == "random" and args.process_index == 0:
+            save_random_base(model, out)
+        new_tokens = len(tokenizer) > models.load_model_config(config.model).vocab_size
+        model = models.apply_lora(model, config.peft, new_tokens=new_tokens)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[TrackerCallback(tracker)],
+    )
+    train_result = trainer.train(resume_from_checkpoint=rundir.resume_checkpoint(config, out))
+    metrics = {"train/loss": train_result.training_loss, "train/steps": trainer.state.global_step}
+    if data.eval is not None:
+        metrics.update({f"eval/{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()})
+    save_final(trainer, tokenizer, config, out)
+    tracker.log(metrics, step=trainer.state.global_step)
+    tracker.finish(metrics)
+    return metrics

@@ -1,0 +1,117 @@
+"""Where a run reports: log.jsonl and metrics.json always, W&B when `logger=wandb`.
+
+Metric names are the same in every sink (`train/loss`, `eval/loss`, `ppo/reward`, ...), so a
+script reading log.jsonl and a W&B dashboard see one vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from align.config import AlignConfig
+
+# Anything that looks like a credential is dropped from what we write or send.
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+
+
+def scrub(value: Any) -> Any:
+    """A copy of a config-like structure without secret-looking keys or secret env values."""
+    secrets = {v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 8}
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else scrub(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, str) and any(s in value for s in secrets):
+        return "<redacted>"
+    return value
+
+
+def config_dict(config: AlignConfig) -> dict[str, Any]:
+    return scrub(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Tracker:
+    """Logs metrics from the main process; other ranks hold a Tracker that does nothing."""
+
+    def __init__(self, config: AlignConfig, output_dir: Path, *, is_main: bool = True) -> None:
+        self.output_dir = output_dir
+        self.is_main = is_main
+        self._wandb = None
+        if not is_main:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._log_file = (output_dir / "log.jsonl").open("a")
+        if config.logger.backend == "wandb":
+            import wandb
+
+            cfg = config.logger
+            self._wandb = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=cfg.name or output_dir.name,
+                group=cfg.group,
+                tags=list(cfg.tags),
+                job_type=config.stage_name,
+                mode=cfg.mode,
+                dir=str(output_dir),
+                config=config_dict(config),
+                resume="allow",
+                id=_stable_run_id(output_dir),
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        clean = {k: _jsonable(v) for k, v in metrics.items()}
+        self._log_file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._log_file.flush()
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        if not self.is_main:
+            return
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+        samples = self.output_dir / "samples.jsonl"
+        with samples.open("a") as f:
+            for row in rows:
+                f.write(
+                    json.dumps({"table": name, "step": step, **dict(zip(columns, row, strict=True))}) + "\n"
+                )
+
+    def finish(self, final_metrics: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        clean = {k: _jsonable(v) for k, v in final_metrics.items()}
+        tmp = self.output_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.output_dir / "metrics.json")
+        self._log_file.close()
+        if self._wandb is not None:
+            self._wandb.summary.update(clean)
+            self._wandb.finish()
+
+
+def _stable_run_id(output_dir: Path) -> str:
+    """One W&B run per output directory, so a resumed run continues its own curves."""
+    import hashlib
+
+    return hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:12]

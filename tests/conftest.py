@@ -1,0 +1,66 @@
+"""Shared fixtures: run `python -m align ...` for real, in a subprocess, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def align_env(tmp_cache: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true",
+            "ALIGN_CACHE_DIR": str(tmp_cache),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One processed-data cache for the whole session, as a user's machine would have."""
+    return tmp_path_factory.mktemp("align-cache")
+
+
+@pytest.fixture
+def run_align(data_cache):
+    """Run the real entry point; return the CompletedProcess (stdout and stderr captured)."""
+
+    def run(*overrides: str, check: bool = True, timeout: float = 600, env: dict | None = None):
+        proc = subprocess.run(
+            [sys.executable, "-m", "align", *overrides],
+            cwd=REPO,
+            env=align_env(data_cache, **(env or {})),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"python -m align {' '.join(overrides)} exited {proc.returncode}\n"
+                f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+            )
+        return proc
+
+    return run
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())

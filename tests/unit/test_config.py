@@ -1,0 +1,70 @@
+"""Every shipped config composes and type-checks; mistakes fail in one line before any work."""
+
+import subprocess
+import sys
+
+import pytest
+
+from align.cli import check_overrides
+from align.config import CONF_DIR, REPO_ROOT
+from align.errors import ConfigError
+
+STAGES = sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+GROUPS = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in ("peft", "deepspeed", "logger")}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_stage_and_model_composes(stage, model):
+    config = check_overrides([f"stage={stage}", f"model={model}"])
+    assert config.stage_name == stage
+    assert config.model.name_or_path
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group, option):
+    check_overrides([f"{group}={option}"])
+
+
+def test_tiny_overrides_only_what_a_tiny_model_needs():
+    qwen = check_overrides(["model=qwen2.5-7b"])
+    tiny = check_overrides(["model=tiny"])
+    # The Qwen report's SFT numbers are the stage defaults ...
+    assert (qwen.train.lr, qwen.train.warmup_steps, qwen.train.max_steps) == (2e-6, 1430, 4000)
+    assert (qwen.train.adam_beta2, qwen.train.weight_decay, qwen.train.dropout) == (0.95, 0.1, 0.1)
+    # ... and the tiny demo changes its schedule, not the optimiser's shape.
+    assert tiny.train.lr > qwen.train.lr and tiny.train.max_steps < qwen.train.max_steps
+    assert (tiny.train.adam_beta2, tiny.train.weight_decay) == (0.95, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        (
+            "train.max_steps=abc",
+            "train.max_steps: Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+        ("model=nope", "unknown model option 'nope'"),
+        ("train.precision=fp8", "train.precision must be auto, bf16, fp16 or fp32, not 'fp8'"),
+    ],
+)
+def test_bad_config_is_one_clear_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        check_overrides([override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["train.lrr=1", "train.batch_size=two"])
+def test_bad_config_through_the_entry_point(override):
+    proc = subprocess.run(
+        [sys.executable, "-m", "align", override], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("align: ConfigError: ")
+    assert override.split("=")[0] in lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
