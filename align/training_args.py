@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from align.config import AlignConfig
-from align.distributed import build_deepspeed_config, world_info
+from align.distributed import REUSE_DISTRIBUTED_STATE, build_deepspeed_config, world_info
 from align.models import resolve_precision
 
 
@@ -43,6 +43,8 @@ def hf_training_kwargs(config: AlignConfig, *, has_eval: bool) -> dict[str, Any]
         "data_seed": config.seed,
         "report_to": [],
         "dataloader_num_workers": 0,
+        # Keep the process state align.distributed.init_distributed built (see its docstring).
+        "accelerator_config": REUSE_DISTRIBUTED_STATE,
         "deepspeed": build_deepspeed_config(
             config.deepspeed.stage,
             config.deepspeed.offload_optimizer,
