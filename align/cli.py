@@ -103,6 +103,11 @@ def validate(config: AlignConfig) -> None:
 def run_stage(config: AlignConfig) -> dict[str, float]:
     from align.distributed import init_distributed
 
+    if config.dry_run:
+        from align.dry_run import report
+
+        print(report(config))
+        return {}
     stage = importlib.import_module(f"align.stages.{config.stage_name}")
     # Before any Trainer or Accelerator exists, so all of them see the launcher's whole world.
     init_distributed(deepspeed=config.deepspeed.stage > 0)

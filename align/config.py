@@ -15,7 +15,7 @@ from omegaconf import MISSING
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
-STAGES = ("sft",)
+STAGES = tuple(sorted(p.stem for p in (REPO_ROOT / "align" / "stages").glob("*.py") if not p.stem.startswith("_")))
 
 
 @dataclass
@@ -123,6 +123,93 @@ class SFTConfig:
 
 
 @dataclass
+class RMConfig:
+    init_from: str | None = None
+    """Checkpoint the reward model starts from (base, SFT output, or a PMP run's final/);
+    unset: model.name_or_path. Preference-model pretraining is a first rm run on large comparison
+    data, then a second with rm.init_from=<first run>/final."""
+    path: str | None = None
+    """A trained reward model to score a preference set with (stage=rm_eval)."""
+    margin: bool = False
+    """Subtract the data's `margin` column inside the loss: -log sigmoid(r_c - r_r - margin)."""
+    center_rewards_coefficient: float | None = None
+    """Optional penalty pulling mean rewards toward zero (Eisenstein et al. 2023)."""
+
+
+@dataclass
+class PPOConfig:
+    policy: str | None = None
+    """The policy to train (an SFT run's final/); unset: model.name_or_path."""
+    reward_model: str | None = None
+    """A trained reward model directory (an rm run's final/)."""
+    reward_fn: str | None = None
+    """'module:function' scoring (prompts, responses) -> list of floats; added to the RM's score."""
+    monitor_fn: str | None = None
+    """'module:function' like reward_fn, logged as ppo/gold but never trained on: with a task's
+    gold score it shows reward hacking (proxy reward up, gold down) as it happens."""
+    value_init: str = "reward_model"
+    """Where the value model starts: 'reward_model' (Qwen, InstructGPT) or 'policy'."""
+    prompts_per_step: int = 8
+    """Prompts per device in each rollout."""
+    responses_per_prompt: int = 2
+    """Responses sampled for each prompt (Qwen: 2)."""
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 0.9
+    """Nucleus sampling (Qwen: 0.9)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of responses that end without EOS."""
+    kl_coef: float = 0.04
+    """Per-token KL penalty against the reference (Qwen: 0.04); the start value when adaptive."""
+    kl_estimator: str = "k1"
+    """KL estimator in the reward: 'k1' (unbiased gradient as a reward) or 'k3'."""
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    reward_norm: bool = True
+    """Normalise scores with a running mean (Qwen)."""
+    reward_norm_std: bool = False
+    """Also divide by the running standard deviation."""
+    reward_clip: float | None = None
+    gamma: float = 1.0
+    lam: float = 0.95
+    epochs: int = 1
+    """PPO passes over each rollout."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch; each mini-batch is split into micro-batches of train.batch_size."""
+    clip_eps: float = 0.2
+    value_clip: float = 0.15
+    """Value-loss clipping (Qwen: 0.15)."""
+    value_lr: float = 5e-6
+    """Value model learning rate (Qwen: 5e-6; the policy uses train.lr, Qwen 1e-6)."""
+    value_warmup_steps: int = 50
+    """First steps update only the value model (Qwen: 50)."""
+    ptx_coef: float = 0.0
+    """Weight of the pretraining/SFT language-modelling loss mixed into the policy loss."""
+    ptx_data: str | None = None
+    """SFT recipe the PTX loss reads."""
+    sample_every: int = 10
+    """Log a table of prompts, responses and rewards every N steps."""
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
+    """Stages to run, in order; each one's final/ feeds the next."""
+    rm_from_sft: bool = True
+    """Start the reward model from the SFT output (else from model.name_or_path)."""
+    sft: list[str] = field(default_factory=list)
+    """Extra Hydra overrides for the SFT stage, e.g. [data=alpaca_sft, train.max_steps=2000]."""
+    rm: list[str] = field(default_factory=list)
+    ppo: list[str] = field(default_factory=list)
+    eval_prompts: str | None = None
+    """Held-out prompt recipe on which the summary compares the SFT and PPO policies."""
+    gold_fn: str | None = None
+    """'module:function' gold score for the summary (a task with a known answer); optional."""
+    eval_max_new_tokens: int = 32
+
+
+@dataclass
 class AlignConfig:
     stage_name: str = MISSING
     """Set by the stage/ group: which stage runs."""
@@ -133,6 +220,9 @@ class AlignConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     output_dir: str = MISSING
     """Where the run writes config.yaml, metrics.json, log.jsonl, final/ and checkpoints/."""
     seed: int = 42

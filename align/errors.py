@@ -32,3 +32,9 @@ class TrainingError(AlignError):
     """The run itself went wrong (non-finite loss, ...) after a clean start."""
 
     exit_code = 6
+
+
+class Preempted(AlignError):
+    """SIGUSR1 arrived: a checkpoint was written and the job should be requeued (jobs/common.sh)."""
+
+    exit_code = 75

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import TrainerCallback
 
+from align.errors import TrainingError
 from align.tracking import Tracker
 
 _RENAME = {"learning_rate": "lr"}
@@ -29,3 +32,20 @@ class TrackerCallback(TrainerCallback):
         metrics = {metric_name(k): v for k, v in logs.items() if k not in _SKIP}
         metrics["train/epoch"] = state.epoch
         self.tracker.log(metrics, step=state.global_step)
+
+
+class FiniteLossCallback(TrainerCallback):
+    """Stop at the first non-finite loss or gradient norm, before a checkpoint can keep it.
+
+    Logging happens before saving within a step, and `logging_nan_inf_filter` is off (it would
+    average a NaN away), so the newest checkpoint on disk is the last good one.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(float(value)):
+                raise TrainingError(
+                    f"non-finite {metric_name(key)} ({value}) at step {state.global_step}; "
+                    "the last good checkpoint is kept in checkpoints/"
+                )

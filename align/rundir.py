@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -19,10 +20,26 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 def prepare(config: AlignConfig, *, is_main: bool = True) -> Path:
     """Create the run directory and write the resolved config (no secrets) into it."""
     out = Path(config.output_dir)
+    if config.resume != "never":
+        _check_same_run(out, config)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
     return out
+
+
+def _check_same_run(out: Path, config: AlignConfig) -> None:
+    """Resuming into a folder that holds another stage's or another model's run would mix them."""
+    previous = out / "config.yaml"
+    if not previous.is_file():
+        return
+    old = yaml.safe_load(previous.read_text()) or {}
+    old_stage, old_model = old.get("stage_name"), (old.get("model") or {}).get("name_or_path")
+    if (old_stage, old_model) != (config.stage_name, config.model.name_or_path):
+        raise CheckpointError(
+            f"output_dir {out} holds a {old_stage} run of {old_model}, not a {config.stage_name} run of "
+            f"{config.model.name_or_path}; choose another output_dir or pass resume=never"
+        )
 
 
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -33,11 +50,20 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     for path in checkpoints_dir.iterdir():
         match = _CHECKPOINT.match(path.name)
         if match and path.is_dir():
-            if (path / "trainer_state.json").is_file():
+            if _is_complete(path):
                 found.append((int(match.group(1)), path))
             else:
-                log.warning("skipping incomplete checkpoint %s", path)
+                log.warning("skipping incomplete checkpoint %s (a save was interrupted)", path)
     return [path for _, path in sorted(found)]
+
+
+def _is_complete(path: Path) -> bool:
+    """The trainer state is written last and must parse; weights must be there beside it."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(path.rglob("*.safetensors")) or any(path.rglob("*.pt")) or any(path.rglob("*.bin"))
 
 
 def resume_checkpoint(config: AlignConfig, out: Path) -> Path | None:
@@ -50,6 +76,6 @@ def resume_checkpoint(config: AlignConfig, out: Path) -> Path | None:
             log.info("resuming from %s", checkpoints[-1])
         return checkpoints[-1] if checkpoints else None
     path = Path(config.resume)
-    if not (path / "trainer_state.json").is_file():
+    if not _is_complete(path):
         raise CheckpointError(f"resume='{config.resume}' is not a complete checkpoint directory")
     return path

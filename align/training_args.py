@@ -34,6 +34,8 @@ def hf_training_kwargs(config: AlignConfig, *, has_eval: bool) -> dict[str, Any]
         "gradient_checkpointing": train.gradient_checkpointing,
         "logging_steps": train.logging_steps,
         "logging_first_step": True,
+        # A NaN must stop the run (FiniteLossCallback), not be averaged away.
+        "logging_nan_inf_filter": False,
         "eval_strategy": "steps" if evaluate else "no",
         "eval_steps": train.eval_steps if evaluate else None,
         "save_strategy": "steps",

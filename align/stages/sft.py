@@ -13,7 +13,10 @@ from trl import SFTConfig, SFTTrainer
 from align import models, rundir
 from align.config import AlignConfig
 from align.data import load_recipe_data
-from align.hf_callbacks import TrackerCallback
+from align.errors import Preempted
+from align.hf_callbacks import FiniteLossCallback, TrackerCallback
+from align.lineage import parent_entry, recipe_entry, write_manifest
+from align.preemption import Preemption, PreemptionCallback
 from align.saving import save_final, save_random_base
 from align.tracking import Tracker
 from align.training_args import hf_training_kwargs
@@ -44,6 +47,7 @@ def run(config: AlignConfig) -> dict[str, float]:
     )
     out = rundir.prepare(config, is_main=args.process_index == 0)
     tracker = Tracker(config, out, is_main=args.process_index == 0)
+    preempted = PreemptionCallback(Preemption().install())
 
     model = models.load_causal_lm(
         config.model,
@@ -64,13 +68,23 @@ def run(config: AlignConfig) -> dict[str, float]:
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[TrackerCallback(tracker)],
+        callbacks=[TrackerCallback(tracker), FiniteLossCallback(), preempted],
     )
     train_result = trainer.train(resume_from_checkpoint=rundir.resume_checkpoint(config, out))
+    if preempted.stopped:
+        raise Preempted(f"checkpoint written at step {trainer.state.global_step}; a requeued run resumes there")
     metrics = {"train/loss": train_result.training_loss, "train/steps": trainer.state.global_step}
     if data.eval is not None:
         metrics.update({f"eval/{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()})
     save_final(trainer, tokenizer, config, out)
     tracker.log(metrics, step=trainer.state.global_step)
     tracker.finish(metrics)
+    if args.process_index == 0:
+        write_manifest(
+            config,
+            out,
+            data={"train": recipe_entry(config.data.recipe, data.fingerprint)},
+            parents=[parent_entry("base", config.model.name_or_path if config.model.init == "pretrained" else None)],
+            metrics=metrics,
+        )
     return metrics

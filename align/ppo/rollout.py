@@ -1,0 +1,144 @@
+"""Sampling responses: left-padded prompts, top-p/temperature, stop and truncate at EOS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from align.ppo.rewards import has_eos, response_mask_after_eos
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes; `prompt_len` columns of left-padded prompt, then the response."""
+
+    input_ids: Tensor  # [N, P + R]
+    attention_mask: Tensor  # [N, P + R]; response positions after the first EOS are 0
+    response_mask: Tensor  # [N, R] float
+    ended_with_eos: Tensor  # [N] bool
+    prompt_len: int
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def sample(
+    model: nn.Module,
+    prompts: list[list[int]],
+    *,
+    pad_id: int,
+    eos_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    device: torch.device,
+) -> Rollout:
+    """Sample one response per prompt with a KV cache, stopping each row at its first EOS.
+
+    A plain loop instead of ``model.generate``: on small models generate's per-token bookkeeping
+    (logits processors, stopping criteria, cache and mask preparation) costs more than the model
+    itself (bench/ppo_throughput.py). The distribution is generate's: temperature, then top-p
+    with the same cut, no top-k. Log-probs are not taken from here; the update recomputes them
+    with the train-layout forward (align/ppo/forward.py), so sampling may round differently.
+    """
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    was_training = model.training
+    model.eval()
+    try:
+        response = _sample_tokens(model, prompt_ids, prompt_mask, pad_id, eos_ids, max_new_tokens, temperature, top_p)
+    finally:
+        model.train(was_training)
+    prompt_len = prompt_ids.shape[1]
+    response_mask = response_mask_after_eos(response, eos_ids)
+    # Everything after the first EOS is padding, whatever was sampled there.
+    response = torch.where(response_mask.bool(), response, torch.full_like(response, pad_id))
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, response], dim=1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1),
+        response_mask=response_mask.float(),
+        ended_with_eos=has_eos(response, response_mask, eos_ids),
+        prompt_len=prompt_len,
+    )
+
+
+def _sample_tokens(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    pad_id: int,
+    eos_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> Tensor:
+    """``[N, P]`` left-padded prompts -> ``[N, R]`` sampled ids, ``R <= max_new_tokens``."""
+    from transformers import DynamicCache
+
+    n = prompt_ids.shape[0]
+    eos = torch.as_tensor(eos_ids, device=prompt_ids.device)
+    mask = prompt_mask
+    # Left-padded rows count positions from their first real token, as generate and the
+    # train-layout forward do.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    tokens = prompt_ids
+    done = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
+    out: list[Tensor] = []
+    for t in range(max_new_tokens):
+        logits = (
+            model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .float()
+        )
+        next_ids = sample_next(logits, temperature, top_p)
+        next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
+        out.append(next_ids)
+        done = done | torch.isin(next_ids, eos)
+        # One check per token; the alternative (always max_new_tokens) costs more on short answers.
+        if t + 1 == max_new_tokens or bool(done.all()):
+            break
+        tokens = next_ids[:, None]
+        positions = positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+    return torch.stack(out, dim=1)
+
+
+def sample_next(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """``[N, V]`` logits -> ``[N]`` ids: temperature, then nucleus (top-p) sampling.
+
+    The top-p cut is transformers' ``TopPLogitsWarper``: drop the tokens whose cumulative
+    probability, summed from the least likely up, is at most ``1 - top_p``; keep the most likely.
+    """
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+        cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum_probs <= (1 - top_p)
+        remove[:, -1] = False
+        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(-1)
+
+
+def micro_batches(n: int, size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, size):
+        yield order[start : start + size]

@@ -1,0 +1,614 @@
+"""PPO RLHF (Qwen report, section 3.2.2), our own loop on accelerate.
+
+The recipe: load the four roles (policy, reference, reward, value), then each step
+  1. sample `responses_per_prompt` responses to a batch of prompts (top-p, stop at EOS);
+  2. score them (reward model at the last real token and/or a reward function), normalise;
+  3. per-token KL penalty against the reference, GAE advantages, whitened;
+  4. `ppo.epochs` passes of clipped policy and value losses over mini-batches (only the value
+     model learns during the first `value_warmup_steps`), plus the optional PTX loss;
+  5. log, and checkpoint everything a resumed run needs.
+The maths lives in align/ppo/ as pure functions with unit tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, get_scheduler
+
+from align import models, rundir
+from align.config import AlignConfig
+from align.data import load_recipe_data
+from align.errors import CheckpointError, ConfigError, Preempted, TrainingError
+from align.lineage import parent_entry, recipe_entry, write_manifest
+from align.ppo import checkpoint
+from align.ppo.advantages import gae, whiten_advantages
+from align.ppo.forward import ValueModel, disable_dropout, response_logprobs
+from align.ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty
+from align.ppo.losses import explained_variance, policy_loss, value_loss
+from align.ppo.masked import masked_mean
+from align.ppo.normalize import RunningMoments, normalize_reward
+from align.ppo.rewards import penalize_missing_eos, per_token_rewards
+from align.ppo.rollout import Rollout, sample
+from align.preemption import Preemption
+from align.tracking import Tracker
+
+log = logging.getLogger("align.ppo")
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+def run(config: AlignConfig) -> dict[str, float]:
+    ppo = config.ppo
+    check_config(config)
+    reward_fn = import_reward_fn(ppo.reward_fn, "ppo.reward_fn") if ppo.reward_fn else None
+    monitor_fn = import_reward_fn(ppo.monitor_fn, "ppo.monitor_fn") if ppo.monitor_fn else None
+    policy_cfg = replace(config.model, name_or_path=ppo.policy, init="pretrained") if ppo.policy else config.model
+    models.check_lora_targets(policy_cfg, config.peft)
+
+    accelerator = Accelerator()
+    set_seed(config.seed, device_specific=True)
+    out = rundir.prepare(config, is_main=accelerator.is_main_process)
+    tracker = Tracker(config, out, is_main=accelerator.is_main_process)
+
+    tokenizer = models.load_tokenizer(policy_cfg)
+    prompt_data = load_recipe_data(
+        config.data.recipe,
+        "prompt",
+        tokenizer,
+        seed=config.seed,
+        max_length=config.train.max_length,
+        on_error=config.data.on_error,
+        cache_dir=config.data.cache_dir,
+    )
+    prompts = prompt_data.train
+    sampler = PromptSampler(len(prompts), ppo.prompts_per_step, accelerator, seed=config.seed)
+
+    # The four roles. Dropout off everywhere: rollout and update must agree on log-probs.
+    policy = models.load_causal_lm(policy_cfg, tokenizer, precision=config.train.precision, seed=config.seed)
+    reference = None if config.peft.enabled else copy.deepcopy(policy).requires_grad_(False).eval()
+    if config.peft.enabled:
+        policy = models.apply_lora(policy, config.peft, new_tokens=False)
+    reward_model = load_frozen_reward_model(ppo.reward_model, config) if ppo.reward_model else None
+    value = ValueModel(load_value_backbone(config, policy_cfg, tokenizer))
+    for model in (policy, reference, reward_model, value):
+        if model is not None:
+            disable_dropout(model)
+    if config.train.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+
+    steps = config.train.max_steps
+    policy_opt, policy_sched = make_optimizer(policy, config.train.lr, config, steps)
+    value_opt, value_sched = make_optimizer(value, ppo.value_lr, config, steps)
+    policy, value, policy_opt, value_opt = accelerator.prepare(policy, value, policy_opt, value_opt)
+    for frozen in (reference, reward_model):
+        if frozen is not None:
+            frozen.to(accelerator.device)
+
+    kl_ctl = (
+        AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
+        if ppo.adaptive_kl
+        else FixedKLController(ppo.kl_coef)
+    )
+    moments = RunningMoments()
+    state = TrainState(policy, value, policy_opt, value_opt, policy_sched, value_sched, kl_ctl, moments, sampler)
+    ptx_batches = ptx_stream(config, tokenizer, accelerator) if ppo.ptx_coef > 0 else None
+
+    start_step = 0
+    resume_from = rundir.resume_checkpoint(config, out)
+    if resume_from is not None:
+        start_step = restore(resume_from, accelerator, state)
+        log.info("resumed from %s at step %d", resume_from, start_step)
+
+    preemption = Preemption().install()
+    history: list[dict[str, float]] = []
+    bar = tqdm(
+        range(start_step, steps),
+        desc="ppo",
+        disable=not accelerator.is_main_process,
+        initial=start_step,
+        total=steps,
+    )
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = [prompts[i] for i in sampler.next_indices()]
+        prompt_ids = [row["prompt_input_ids"] for row in batch for _ in range(ppo.responses_per_prompt)]
+        prompt_texts = [row["prompt"][-1]["content"] for row in batch for _ in range(ppo.responses_per_prompt)]
+
+        # 1. Rollout.
+        rollout = sample(
+            accelerator.unwrap_model(policy),
+            prompt_ids,
+            pad_id=tokenizer.pad_token_id,
+            eos_ids=[tokenizer.eos_token_id],
+            max_new_tokens=ppo.max_new_tokens,
+            temperature=ppo.temperature,
+            top_p=ppo.top_p,
+            device=accelerator.device,
+        )
+        t_generate = time.perf_counter()
+
+        # 2-3. Score, KL penalty, advantages.
+        responses = decode_responses(tokenizer, rollout)
+        with torch.no_grad():
+            old_logp, _ = response_logprobs(
+                policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, ppo.temperature
+            )
+            ref_logp = reference_logprobs(reference, policy, rollout, ppo.temperature)
+            old_values = value(rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            scores, score_parts = score_rollout(reward_model, reward_fn, rollout, prompt_texts, responses)
+        if ppo.missing_eos_penalty is not None:
+            scores = penalize_missing_eos(scores, rollout.ended_with_eos, ppo.missing_eos_penalty)
+        norm_scores = (
+            normalize_reward(scores, moments, use_std=ppo.reward_norm_std, clip=ppo.reward_clip)
+            if ppo.reward_norm
+            else scores
+            if ppo.reward_clip is None
+            else scores.clamp(-ppo.reward_clip, ppo.reward_clip)
+        )
+        mask = rollout.response_mask
+        kl = kl_penalty(old_logp, ref_logp, ppo.kl_estimator) * mask
+        rewards = per_token_rewards(norm_scores, kl, mask, kl_ctl.value)
+        advantages, returns = gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
+        advantages = whiten_advantages(advantages, mask)
+        t_score = time.perf_counter()
+
+        # 4. PPO epochs; the critic warms up alone first (Qwen: 50 steps).
+        train_policy = step >= ppo.value_warmup_steps
+        stats = update(
+            config,
+            accelerator,
+            policy,
+            value,
+            policy_opt,
+            value_opt,
+            rollout,
+            old_logp,
+            old_values,
+            advantages,
+            returns,
+            train_policy,
+            ptx_batches,
+        )
+        policy_sched.step()
+        value_sched.step()
+        seq_kl = (kl.sum(-1)).mean().item()
+        kl_ctl.update(seq_kl, len(prompt_ids) * accelerator.num_processes)
+        t_update = time.perf_counter()
+
+        # 5. Log and checkpoint.
+        metrics = {
+            "ppo/reward_raw": scores.mean().item(),
+            "ppo/reward_norm": norm_scores.mean().item(),
+            **{f"ppo/reward_{name}": part.mean().item() for name, part in score_parts.items()},
+            **({"ppo/gold": sum(monitor_fn(prompt_texts, responses)) / len(responses)} if monitor_fn else {}),
+            "ppo/kl": seq_kl,
+            "ppo/kl_k3": (kl_penalty(old_logp, ref_logp, "k3") * mask).sum(-1).mean().item(),
+            "ppo/kl_coef": kl_ctl.value,
+            "ppo/response_length": mask.sum(-1).mean().item(),
+            "ppo/eos_rate": rollout.ended_with_eos.float().mean().item(),
+            "ppo/advantage_mean": masked_mean(advantages, mask).item(),
+            "ppo/explained_variance": explained_variance(old_values, returns, mask).item(),
+            "ppo/policy_trained": float(train_policy),
+            "ppo/lr": policy_sched.get_last_lr()[0],
+            **stats,
+            "time/generate": t_generate - t0,
+            "time/score": t_score - t_generate,
+            "time/update": t_update - t_score,
+            "perf/episodes_per_s": len(prompt_ids) * accelerator.num_processes / (t_update - t0),
+        }
+        metrics = gather_mean(metrics, accelerator)
+        check_finite(metrics, step + 1)
+        history.append(metrics)
+        tracker.log(metrics, step=step + 1)
+        bar.set_postfix(reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
+        if ppo.sample_every and (step + 1) % ppo.sample_every == 0:
+            rows = [[p, r, float(s)] for p, r, s in zip(prompt_texts, responses, scores.tolist(), strict=True)]
+            tracker.log_table("ppo/samples", ["prompt", "response", "reward"], rows[:16], step=step + 1)
+        preempted = preemption.agreed()
+        periodic = config.train.save_steps and (step + 1) % config.train.save_steps == 0 and step + 1 < steps
+        if periodic or preempted:
+            save_checkpoint(out, step + 1, config, accelerator, state)
+        if preempted:
+            raise Preempted(f"checkpoint written at step {step + 1}; a requeued run resumes there")
+
+    final_metrics = summarize(history)
+    save_final(out, config, accelerator, policy, value, tokenizer)
+    tracker.finish(final_metrics)
+    if accelerator.is_main_process:
+        data = {"prompts": recipe_entry(config.data.recipe, prompt_data.fingerprint)}
+        write_manifest(
+            config,
+            out,
+            data=data,
+            parents=[parent_entry("policy", ppo.policy), parent_entry("reward_model", ppo.reward_model)],
+            metrics=final_metrics,
+        )
+    return final_metrics
+
+
+def check_config(config: AlignConfig) -> None:
+    ppo = config.ppo
+    if not ppo.reward_model and not ppo.reward_fn:
+        raise ConfigError("stage=ppo needs ppo.reward_model=<rm dir> or ppo.reward_fn=module:function (or both)")
+    if ppo.value_init not in ("reward_model", "policy"):
+        raise ConfigError(f"ppo.value_init must be reward_model or policy, not '{ppo.value_init}'")
+    if ppo.kl_estimator not in ("k1", "k3"):
+        raise ConfigError(f"ppo.kl_estimator must be k1 or k3, not '{ppo.kl_estimator}'")
+    episodes = ppo.prompts_per_step * ppo.responses_per_prompt
+    mini = episodes // max(ppo.mini_batches, 1)
+    if ppo.mini_batches < 1 or episodes % ppo.mini_batches or mini % config.train.batch_size:
+        raise ConfigError(
+            f"a rollout of {episodes} episodes (ppo.prompts_per_step x ppo.responses_per_prompt) must split into "
+            f"ppo.mini_batches={ppo.mini_batches} mini-batches of whole train.batch_size={config.train.batch_size} "
+            "micro-batches"
+        )
+    if ppo.ptx_coef > 0 and not ppo.ptx_data:
+        raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data=<sft recipe>")
+    if config.deepspeed.stage:
+        raise ConfigError("stage=ppo does not run under DeepSpeed yet; use deepspeed=none (plain data parallel)")
+
+
+def import_reward_fn(spec: str, key: str) -> RewardFn:
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{key} '{spec}' is not an importable module:function ({exc})") from exc
+    if not callable(fn):
+        raise ConfigError(f"{key} '{spec}' is not callable")
+    return fn
+
+
+def load_frozen_reward_model(path: str, config: AlignConfig) -> torch.nn.Module:
+    from align.reward_model import load_reward_model
+
+    return load_reward_model(path, precision=config.train.precision).requires_grad_(False).eval()
+
+
+def load_value_backbone(config: AlignConfig, policy_cfg, tokenizer) -> torch.nn.Module:
+    """The value model starts from the reward model (Qwen, InstructGPT) or from the policy."""
+    ppo = config.ppo
+    source = ppo.reward_model if ppo.value_init == "reward_model" and ppo.reward_model else None
+    if source is None:
+        source = policy_cfg.name_or_path
+    if policy_cfg.init == "random" and source == policy_cfg.name_or_path:
+        # A tiny random policy has no weights on disk: build the value model from its config alike.
+        mcfg = models.load_model_config(policy_cfg)
+        mcfg.num_labels = 1
+        mcfg.pad_token_id = tokenizer.pad_token_id
+        torch.manual_seed(config.seed)
+        return AutoModelForSequenceClassification.from_config(mcfg)
+    return AutoModelForSequenceClassification.from_pretrained(
+        source,
+        num_labels=1,
+        use_safetensors=True,
+        trust_remote_code=policy_cfg.trust_remote_code,
+        dtype=models.torch_dtype(config.train.precision),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, config: AlignConfig, steps: int):
+    train = config.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_eps,
+        weight_decay=train.weight_decay,
+    )
+    warmup = train.warmup_steps or math.ceil(train.warmup_ratio * steps)
+    return opt, get_scheduler(train.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=steps)
+
+
+def reference_logprobs(reference, policy, rollout: Rollout, temperature: float) -> torch.Tensor:
+    if reference is not None:
+        return response_logprobs(reference, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, temperature)[
+            0
+        ]
+    # LoRA: the reference is the same base with the adapter switched off (one copy in memory).
+    with policy.disable_adapter():
+        return response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, temperature)[0]
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    response_ids = rollout.input_ids[:, rollout.prompt_len :]
+    return [
+        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        for ids, mask in zip(response_ids, rollout.response_mask, strict=True)
+    ]
+
+
+def score_rollout(reward_model, reward_fn, rollout: Rollout, prompts: list[str], responses: list[str]):
+    """Sum of the reward model's score (at the last real token) and the reward function's."""
+    parts: dict[str, torch.Tensor] = {}
+    device = rollout.input_ids.device
+    if reward_model is not None:
+        from align.reward_model import rewards_at_last_token
+
+        parts["model"] = rewards_at_last_token(reward_model, rollout.input_ids, rollout.attention_mask).float()
+    if reward_fn is not None:
+        values = reward_fn(prompts, responses)
+        if len(values) != len(responses):
+            raise TrainingError(f"ppo.reward_fn returned {len(values)} scores for {len(responses)} responses")
+        parts["fn"] = torch.tensor([float(v) for v in values], device=device)
+    return sum(parts.values()), parts
+
+
+def update(
+    config,
+    accelerator,
+    policy,
+    value,
+    policy_opt,
+    value_opt,
+    rollout: Rollout,
+    old_logp,
+    old_values,
+    advantages,
+    returns,
+    train_policy: bool,
+    ptx_batches,
+) -> dict[str, float]:
+    ppo, train = config.ppo, config.train
+    n = rollout.input_ids.shape[0]
+    mini_size = n // ppo.mini_batches
+    accum = mini_size // train.batch_size
+    sums: dict[str, float] = {}
+    count = 0
+    for _ in range(ppo.epochs):
+        order = torch.randperm(n)
+        for m in range(ppo.mini_batches):
+            mini = order[m * mini_size : (m + 1) * mini_size]
+            for k in range(accum):
+                idx = mini[k * train.batch_size : (k + 1) * train.batch_size].to(rollout.input_ids.device)
+                ids, att, mask = (
+                    rollout.input_ids[idx],
+                    rollout.attention_mask[idx],
+                    rollout.response_mask[idx],
+                )
+                # Drop the columns no row of this micro-batch uses (left prompt padding).
+                stats = {}
+                values = value(ids, att, rollout.prompt_len)
+                v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], mask, ppo.value_clip)
+                accelerator.backward(v_loss / accum)
+                stats.update({"ppo/value_loss": v_loss.item(), "ppo/vf_clipfrac": v_stats["vf_clipfrac"].item()})
+                if train_policy:
+                    logp, entropy = response_logprobs(
+                        policy, ids, att, rollout.prompt_len, ppo.temperature, with_entropy=True
+                    )
+                    p_loss, p_stats = policy_loss(logp, old_logp[idx], advantages[idx], mask, ppo.clip_eps)
+                    loss = p_loss
+                    if ptx_batches is not None:
+                        ptx_loss = ptx_lm_loss(policy, next(ptx_batches))
+                        loss = loss + ppo.ptx_coef * ptx_loss
+                        stats["ppo/ptx_loss"] = ptx_loss.item()
+                    accelerator.backward(loss / accum)
+                    stats.update(
+                        {
+                            "ppo/policy_loss": p_loss.item(),
+                            "ppo/clipfrac": p_stats["clipfrac"].item(),
+                            "ppo/approx_kl": p_stats["approx_kl"].item(),
+                            "ppo/ratio": p_stats["ratio_mean"].item(),
+                            "ppo/entropy": masked_mean(entropy, mask).item(),
+                        }
+                    )
+                for key, val in stats.items():
+                    sums[key] = sums.get(key, 0.0) + val
+                count += 1
+            grad_norms = {"ppo/value_grad_norm": clip_and_step(accelerator, value, value_opt, train.max_grad_norm)}
+            if train_policy:
+                grad_norms["ppo/policy_grad_norm"] = clip_and_step(accelerator, policy, policy_opt, train.max_grad_norm)
+            for key, val in grad_norms.items():
+                sums[key] = sums.get(key, 0.0) + val * accum
+    return {key: val / count for key, val in sums.items()}
+
+
+def clip_and_step(accelerator, model, optimizer, max_norm: float) -> float:
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def ptx_stream(config: AlignConfig, tokenizer, accelerator):
+    """Endless shuffled micro-batches of SFT data for the pretraining-gradient (PTX) loss."""
+    data = load_recipe_data(
+        config.ppo.ptx_data,
+        "sft",
+        tokenizer,
+        seed=config.seed,
+        max_length=config.train.max_length,
+        cache_dir=config.data.cache_dir,
+    ).train
+    gen = torch.Generator().manual_seed(config.seed + accelerator.process_index)
+    size = min(config.train.batch_size, len(data))
+    while True:
+        order = torch.randperm(len(data), generator=gen).tolist()
+        for start in range(0, len(order) - size + 1, size):
+            rows = [data[i] for i in order[start : start + size]]
+            yield collate_lm(rows, tokenizer.pad_token_id, accelerator.device)
+
+
+def collate_lm(rows: list[dict], pad_id: int, device) -> dict[str, torch.Tensor]:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        att[i, :n] = 1
+        labels[i, :n] = torch.where(torch.tensor(r["assistant_masks"]).bool(), ids[i, :n], -100)
+    return {"input_ids": ids.to(device), "attention_mask": att.to(device), "labels": labels.to(device)}
+
+
+def ptx_lm_loss(policy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return policy(**batch, use_cache=False).loss
+
+
+def gather_mean(metrics: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Average each metric over ranks, so the dashboard shows the whole world's step."""
+    if accelerator.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in keys], device=accelerator.device, dtype=torch.float64)
+    values = accelerator.reduce(values, reduction="mean")
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
+    bad = [
+        k
+        for k in ("ppo/policy_loss", "ppo/value_loss", "ppo/reward_raw", "ppo/kl")
+        if k in metrics and not math.isfinite(metrics[k])
+    ]
+    if bad:
+        raise TrainingError(f"non-finite {', '.join(bad)} at step {step}; the last checkpoint is kept")
+
+
+def summarize(history: list[dict[str, float]]) -> dict[str, float]:
+    """Final metrics: the last step's values, plus reward at the start and end (mean of 10%)."""
+    if not history:
+        return {}
+    window = max(1, len(history) // 10)
+    first = sum(h["ppo/reward_raw"] for h in history[:window]) / window
+    last = sum(h["ppo/reward_raw"] for h in history[-window:]) / window
+    return {**history[-1], "ppo/reward_start": first, "ppo/reward_end": last, "ppo/steps": len(history)}
+
+
+class PromptSampler:
+    """Shuffled passes over the prompts, sharded by rank, with a position that checkpoints."""
+
+    def __init__(self, size: int, per_rank: int, accelerator: Accelerator, seed: int) -> None:
+        if size < per_rank * accelerator.num_processes:
+            raise ConfigError(
+                f"the prompt set has {size} rows, fewer than one step needs "
+                f"(ppo.prompts_per_step={per_rank} x {accelerator.num_processes} ranks)"
+            )
+        self.size, self.per_rank, self.seed = size, per_rank, seed
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.epoch, self.offset = 0, 0
+
+    def next_indices(self) -> list[int]:
+        step_size = self.per_rank * self.world
+        if self.offset + step_size > self.size:
+            self.epoch, self.offset = self.epoch + 1, 0
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        start = self.offset + self.rank * self.per_rank
+        self.offset += step_size
+        return order[start : start + self.per_rank].tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = state["epoch"], state["offset"]
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while PPO trains, and so everything a checkpoint must hold."""
+
+    policy: torch.nn.Module
+    value: torch.nn.Module
+    policy_opt: torch.optim.Optimizer
+    value_opt: torch.optim.Optimizer
+    policy_sched: Any
+    value_sched: Any
+    kl_ctl: FixedKLController | AdaptiveKLController
+    moments: RunningMoments
+    sampler: PromptSampler
+
+
+def save_checkpoint(out: Path, step: int, config: AlignConfig, accelerator: Accelerator, state: TrainState) -> None:
+    checkpoint.save(
+        out / "checkpoints",
+        step,
+        models={
+            "policy": accelerator.unwrap_model(state.policy),
+            "value": accelerator.unwrap_model(state.value).model,
+        },
+        tensors={
+            "policy_opt": state.policy_opt.state_dict(),
+            "value_opt": state.value_opt.state_dict(),
+            "policy_sched": state.policy_sched.state_dict(),
+            "value_sched": state.value_sched.state_dict(),
+        },
+        state={
+            "stage": "ppo",
+            "model": config.model.name_or_path,
+            "kl_ctl": state.kl_ctl.state_dict(),
+            "reward_moments": state.moments.state_dict(),
+            "sampler": state.sampler.state_dict(),
+        },
+        rank=accelerator.process_index,
+        is_main=accelerator.is_main_process,
+        save_total_limit=config.train.save_total_limit,
+        barrier=accelerator.wait_for_everyone,
+    )
+
+
+def restore(path: Path, accelerator: Accelerator, state: TrainState) -> int:
+    saved, tensors, rng = checkpoint.load(path, accelerator.process_index)
+    if saved.get("stage") != "ppo":
+        raise CheckpointError(f"{path} is a checkpoint of stage '{saved.get('stage')}', not ppo")
+    policy = accelerator.unwrap_model(state.policy)
+    if models.is_adapter_dir(path / "policy"):
+        set_peft_model_state_dict(policy, load_file(path / "policy" / "adapter_model.safetensors"))
+    else:
+        load_weights(policy, path / "policy")
+    load_weights(accelerator.unwrap_model(state.value).model, path / "value")
+    state.policy_opt.load_state_dict(tensors["policy_opt"])
+    state.value_opt.load_state_dict(tensors["value_opt"])
+    state.policy_sched.load_state_dict(tensors["policy_sched"])
+    state.value_sched.load_state_dict(tensors["value_sched"])
+    state.kl_ctl.load_state_dict(saved["kl_ctl"])
+    state.moments.load_state_dict(saved["reward_moments"])
+    state.sampler.load_state_dict(saved["sampler"])
+    checkpoint.set_rng_state(rng)
+    return int(saved["step"])
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load safetensors shards into a model; only tied weights (saved once) may be absent."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    by_storage: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        by_storage.setdefault(tensor.data_ptr(), []).append(name)
+    tied = {name for names in by_storage.values() if len(names) > 1 for name in names}
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(f"{folder} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def save_final(out: Path, config: AlignConfig, accelerator, policy, value, tokenizer) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = out / "final"
+        policy_model = accelerator.unwrap_model(policy)
+        policy_model.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+        accelerator.unwrap_model(value).model.save_pretrained(final / "value", safe_serialization=True)
+        if config.peft.enabled and config.peft.merge:
+            merged = policy_model.merge_and_unload()
+            merged.save_pretrained(final / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(final / "merged")
+    accelerator.wait_for_everyone()
