@@ -33,9 +33,7 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> int:
     # Generation must stop at the end of the assistant turn, not at the document end.
     tokenizer.eos_token = "<|im_end|>"
     if tokenizer.pad_token is None:
-        raise ModelError(
-            "the tokenizer has no pad token and no chat template; set model.pad_token to a token it has"
-        )
+        raise ModelError("the tokenizer has no pad token and no chat template; set model.pad_token to a token it has")
     return added
 
 
@@ -48,9 +46,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message]
-) -> dict[str, list[int]]:
+def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> dict[str, list[int]]:
     """Token ids of a whole conversation and a mask that is 1 on the tokens the model learns.
 
     As in the Qwen report and its finetune code: system and user turns and each assistant header

@@ -53,9 +53,7 @@ def world_info() -> tuple[int, int, int]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     if not 0 <= rank < world_size:
-        raise RuntimeError(
-            f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher's environment"
-        )
+        raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher's environment")
     return rank, world_size, local_rank
 
 
@@ -170,9 +168,7 @@ def build_deepspeed_config(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} (resolve 'auto' first), got {precision!r}")
     if min(micro_batch, grad_accum, world_size) < 1:
-        raise ValueError(
-            f"micro_batch, grad_accum, world_size must be >= 1, got {micro_batch, grad_accum, world_size}"
-        )
+        raise ValueError(f"micro_batch, grad_accum, world_size must be >= 1, got {micro_batch, grad_accum, world_size}")
     on_cpu = not _has_accelerator()
     if on_cpu and precision == "fp16":
         # DeepSpeed's CPU accelerator has no loss-scaled fp16 training; bf16 and fp32 work.

@@ -43,14 +43,10 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"cannot load a tokenizer from '{cfg.name_or_path}': {str(exc).splitlines()[0]}"
-        ) from exc
+        raise ModelError(f"cannot load a tokenizer from '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from exc
     ensure_chat_template(tokenizer)
     if tokenizer.eos_token_id is None:
-        raise ModelError(
-            f"the tokenizer of '{cfg.name_or_path}' has no EOS token; generation could never stop"
-        )
+        raise ModelError(f"the tokenizer of '{cfg.name_or_path}' has no EOS token; generation could never stop")
     if tokenizer.pad_token_id is None:
         # Padding is masked everywhere, so any existing token serves; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -64,15 +60,11 @@ def load_model_config(cfg: ModelConfig) -> AutoConfig:
             cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"cannot load a model config from '{cfg.name_or_path}': {str(exc).splitlines()[0]}"
-        ) from exc
+        raise ModelError(f"cannot load a model config from '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from exc
 
 
 def torch_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        resolve_precision(precision)
-    ]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_precision(precision)]
 
 
 def resolve_precision(precision: str) -> str:
@@ -109,9 +101,7 @@ def load_causal_lm(
                 **kwargs,
             )
         except (OSError, ValueError) as exc:
-            raise ModelError(
-                f"cannot load weights from '{cfg.name_or_path}': {str(exc).splitlines()[0]}"
-            ) from exc
+            raise ModelError(f"cannot load weights from '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from exc
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -139,8 +129,7 @@ def check_lora_targets(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> None:
         if not any(name == target or name.endswith("." + target) for name in names):
             leaves = sorted({name.rsplit(".", 1)[-1] for name in names if "." in name})
             raise ConfigError(
-                f"peft target '{target}' is not a module of {model_cfg.name_or_path} "
-                f"(it has: {', '.join(leaves)})"
+                f"peft target '{target}' is not a module of {model_cfg.name_or_path} (it has: {', '.join(leaves)})"
             )
 
 

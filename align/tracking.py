@@ -93,9 +93,7 @@ class Tracker:
         samples = self.output_dir / "samples.jsonl"
         with samples.open("a") as f:
             for row in rows:
-                f.write(
-                    json.dumps({"table": name, "step": step, **dict(zip(columns, row, strict=True))}) + "\n"
-                )
+                f.write(json.dumps({"table": name, "step": step, **dict(zip(columns, row, strict=True))}) + "\n")
 
     def finish(self, final_metrics: dict[str, Any]) -> None:
         if not self.is_main:

@@ -41,9 +41,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(
-        json.dumps([tokenizer.chat_template, tokenizer.all_special_tokens, type(tokenizer).__name__]).encode()
-    )
+    h.update(json.dumps([tokenizer.chat_template, tokenizer.all_special_tokens, type(tokenizer).__name__]).encode())
     return h.hexdigest()
 
 

@@ -76,19 +76,13 @@ def _messages(value: Any, field: str, default_role: str) -> list[dict[str, str]]
     for i, message in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
-            raise RowError(
-                where, "wrong_type", f"wrong type: expected a message, got {type(message).__name__}"
-            )
+            raise RowError(where, "wrong_type", f"wrong type: expected a message, got {type(message).__name__}")
         for key in ("role", "content"):
             if message.get(key) is None:
                 raise RowError(f"{where}.{key}", "missing")
         if message["role"] not in ROLES:
             raise RowError(f"{where}.role", "invalid", f"unknown role {message['role']!r} (known: {ROLES})")
-        if (
-            message["role"] == "system"
-            and isinstance(message["content"], str)
-            and not message["content"].strip()
-        ):
+        if message["role"] == "system" and isinstance(message["content"], str) and not message["content"].strip():
             continue  # public chat dumps often carry a blank system turn; it says nothing, so omit it
         out.append({"role": message["role"], "content": _text(message["content"], f"{where}.content")})
     if not out:
@@ -121,9 +115,7 @@ def sharegpt_format(row: Row, columns: dict[str, str]) -> list[Row]:
     field = columns.get("conversations", "conversations")
     turns = _get(row, "conversations", columns)
     if not isinstance(turns, list):
-        raise RowError(
-            field, "wrong_type", f"wrong type: expected a list of turns, got {type(turns).__name__}"
-        )
+        raise RowError(field, "wrong_type", f"wrong type: expected a list of turns, got {type(turns).__name__}")
     messages = []
     for i, turn in enumerate(turns):
         where = f"{field}[{i}]"
@@ -154,9 +146,7 @@ def alpaca_format(row: Row, columns: dict[str, str]) -> list[Row]:
 
 def prompt_completion_format(row: Row, columns: dict[str, str]) -> list[Row]:
     prompt = _messages(_get(row, "prompt", columns), columns.get("prompt", "prompt"), "user")
-    completion = _messages(
-        _get(row, "completion", columns), columns.get("completion", "completion"), "assistant"
-    )
+    completion = _messages(_get(row, "completion", columns), columns.get("completion", "completion"), "assistant")
     return [{"messages": prompt + completion}]
 
 
@@ -227,9 +217,7 @@ def hh_format(row: Row, columns: dict[str, str]) -> list[Row]:
     rejected = parse_hh_transcript(_get(row, "rejected", columns), columns.get("rejected", "rejected"))
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         if messages[-1]["role"] != "assistant":
-            raise RowError(
-                columns.get(name, name), "invalid", "the transcript does not end with 'Assistant:'"
-            )
+            raise RowError(columns.get(name, name), "invalid", "the transcript does not end with 'Assistant:'")
     if chosen[:-1] != rejected[:-1]:
         raise RowError(
             columns.get("rejected", "rejected"), "invalid", "chosen and rejected differ before the final turn"
@@ -342,6 +330,4 @@ def to_kind(row: Row, native: str, kind: str) -> Row:
 
 
 def kinds_for(native: str) -> tuple[str, ...]:
-    return {"conversation": ("sft", "prompt"), "preference": ("preference", "sft", "prompt")}.get(
-        native, ("prompt",)
-    )
+    return {"conversation": ("sft", "prompt"), "preference": ("preference", "sft", "prompt")}.get(native, ("prompt",))

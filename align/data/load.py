@@ -76,9 +76,7 @@ def _process_source(
     report = SourceReport(name=spec.path, recipe=display_path(spec.recipe), format=spec.format, role=role)
     native, adapter = FORMATS[spec.format]
     options = {"pairs": spec.pairs} if spec.format in ("ranked", "ultrafeedback") else {}
-    limits = _Limits(
-        _min(limits.max_length, spec.max_length), _min(limits.max_prompt_length, spec.max_prompt_length)
-    )
+    limits = _Limits(_min(limits.max_length, spec.max_length), _min(limits.max_prompt_length, spec.max_prompt_length))
     kept: list[Row] = []
     for where, raw in read_rows(spec):
         report.rows_read += 1
@@ -112,9 +110,7 @@ def _process_source(
     report.rows_kept = len(kept)
     if not kept:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(report.dropped.items())) or "the source is empty"
-        raise DataError(
-            f"{report.recipe}: source {spec.path!r}: no rows left of {report.rows_read} read ({reasons})"
-        )
+        raise DataError(f"{report.recipe}: source {spec.path!r}: no rows left of {report.rows_read} read ({reasons})")
     return kept, report
 
 

@@ -85,9 +85,7 @@ def resolve_recipe_path(recipe: str) -> Path:
     named = RECIPE_DIR / f"{recipe}.yaml"
     if not named.is_file():
         known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-        raise DataError(
-            f"unknown data recipe {recipe!r}: no {display_path(named)} (known: {', '.join(known)})"
-        )
+        raise DataError(f"unknown data recipe {recipe!r}: no {display_path(named)} (known: {', '.join(known)})")
     return named
 
 
@@ -105,14 +103,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         where = f" line {mark.line + 1}" if mark else ""
         raise DataError(f"{display_path(path)}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(content, dict):
-        raise DataError(
-            f"{display_path(path)}: a recipe must be a mapping of keys, got {type(content).__name__}"
-        )
+        raise DataError(f"{display_path(path)}: a recipe must be a mapping of keys, got {type(content).__name__}")
     unknown = set(content) - RECIPE_KEYS
     if unknown:
         raise DataError(
-            f"{display_path(path)}: unknown key {sorted(unknown)[0]!r} "
-            f"(known: {', '.join(sorted(RECIPE_KEYS))})"
+            f"{display_path(path)}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(RECIPE_KEYS))})"
         )
     return content
 
@@ -123,9 +118,7 @@ def _load_merged(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
     Each source remembers the file it came from (``_recipe``) so its relative path resolves there.
     """
     if path in stack:
-        raise DataError(
-            f"{display_path(path)}: include cycle ({' -> '.join(p.name for p in (*stack, path))})"
-        )
+        raise DataError(f"{display_path(path)}: include cycle ({' -> '.join(p.name for p in (*stack, path))})")
     content = _read_yaml(path)
     merged: dict[str, Any] = {"sources": [], "eval_sources": []}
     includes = content.get("include") or []
@@ -150,9 +143,7 @@ def _load_merged(path: Path, stack: tuple[Path, ...]) -> dict[str, Any]:
             merged["sources"] += [_tag(s, path) for s in (value or [])]
         elif key == "eval":
             if not isinstance(value, dict) or set(value) - EVAL_KEYS:
-                raise DataError(
-                    f"{display_path(path)}: 'eval' must be {{fraction: 0.1}} or {{sources: [...]}}"
-                )
+                raise DataError(f"{display_path(path)}: 'eval' must be {{fraction: 0.1}} or {{sources: [...]}}")
             merged["eval_sources"] += [_tag(s, path) for s in (value.get("sources") or [])]
             if "fraction" in value:
                 merged["eval_fraction"] = value["fraction"]
@@ -173,9 +164,7 @@ def _check(cond: bool, path: Path, message: str) -> None:
 
 
 def _positive_int(value: Any, path: Path, name: str) -> int | None:
-    _check(
-        value is None or (isinstance(value, int) and value > 0), path, f"{name} must be a positive integer"
-    )
+    _check(value is None or (isinstance(value, int) and value > 0), path, f"{name} must be a positive integer")
     return value
 
 
@@ -186,8 +175,7 @@ def _source(raw: dict[str, Any], kind: str, index: int, path: Path) -> SourceSpe
     _check(
         not unknown,
         recipe,
-        f"{label}: unknown key {sorted(unknown)[0] if unknown else ''!r} "
-        f"(known: {', '.join(sorted(SOURCE_KEYS))})",
+        f"{label}: unknown key {sorted(unknown)[0] if unknown else ''!r} (known: {', '.join(sorted(SOURCE_KEYS))})",
     )
     for key in ("path", "format"):
         _check(isinstance(raw.get(key), str) and raw[key], recipe, f"{label}: '{key}' is required")

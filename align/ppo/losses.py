@@ -61,9 +61,7 @@ def value_loss(
     return loss, {"vf_clipfrac": clipfrac, "value_mean": masked_mean(values, mask).detach()}
 
 
-def logprobs_from_logits(
-    logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int = 1024
-) -> Tensor:
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0, chunk_size: int = 1024) -> Tensor:
     """``logits [B, T, V]``, ``labels [B, T]`` -> float32 ``log softmax(logits / temperature)`` at ``labels``.
 
     Align first: ``logits[:, t]`` must be the prediction for ``labels[:, t]`` (i.e. pass

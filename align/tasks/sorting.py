@@ -110,9 +110,7 @@ def noisy_response(rng: random.Random, numbers: list[int], quality: float) -> st
     elif mistake == "change":
         answer[rng.randrange(len(answer))] = rng.randint(0, MAX_VALUE)
     else:
-        return rng.choice(("The sorted list is {}.", "Sure! {}", "I think: {}")).format(
-            ", ".join(map(str, answer))
-        )
+        return rng.choice(("The sorted list is {}.", "Sure! {}", "I think: {}")).format(", ".join(map(str, answer)))
     return " ".join(map(str, answer))
 
 
@@ -166,9 +164,7 @@ def make_demo_data(out_dir: str | Path = DEMO_DIR, seed: int = 0) -> dict[str, i
         "sft.jsonl": [_sft_row(rng, seen) for _ in range(NUM_SFT)],
         "prefs.jsonl": [_pref_row(rng, seen) for _ in range(NUM_PREFS)],
         "prompts.jsonl": [{"prompt": _prompt(rng, _unseen_numbers(rng, seen))} for _ in range(NUM_PROMPTS)],
-        "prompts_eval.jsonl": [
-            {"prompt": _prompt(rng, _unseen_numbers(rng, seen))} for _ in range(NUM_EVAL_PROMPTS)
-        ],
+        "prompts_eval.jsonl": [{"prompt": _prompt(rng, _unseen_numbers(rng, seen))} for _ in range(NUM_EVAL_PROMPTS)],
     }
     for name, rows in files.items():
         with open(out / name, "w", encoding="utf-8") as f:

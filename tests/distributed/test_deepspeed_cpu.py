@@ -39,8 +39,7 @@ def launch(out: Path, *script_args: str) -> list[dict[str, Any]]:
         key: value
         for key, value in os.environ.items()
         # A pytest run inside a launcher must not leak its own world into the children.
-        if key
-        not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"}
+        if key not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"}
     }
     env.update(
         {
@@ -63,9 +62,7 @@ def launch(out: Path, *script_args: str) -> list[dict[str, Any]]:
         str(out),
         *script_args,
     ]
-    proc = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
-    )
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
@@ -81,12 +78,7 @@ def test_sft_under_deepspeed_sees_both_ranks(tmp_path: Path, zero: int) -> None:
     for rank, seen in enumerate(ranks):
         assert seen["distributed_type"] == "DistributedType.DEEPSPEED"
         assert (seen["process_index"], seen["num_processes"]) == (rank, N_RANKS)
-        assert (
-            seen["is_main_process"]
-            == seen["accelerator_is_main"]
-            == seen["world_process_zero"]
-            == (rank == 0)
-        )
+        assert seen["is_main_process"] == seen["accelerator_is_main"] == seen["world_process_zero"] == (rank == 0)
         assert seen["gathered_ranks"] == list(range(N_RANKS))
         assert seen["global_step"] == 3
         assert seen["params_changed"]

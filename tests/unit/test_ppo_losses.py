@@ -84,9 +84,7 @@ def test_entropy_by_hand() -> None:
     torch.testing.assert_close(
         token_entropy(torch.tensor([[0.0, math.log(3.0)]])), torch.tensor([h2]), check_dtype=False
     )
-    logits = torch.tensor(
-        [[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), NEG_INF, NEG_INF], [9.0, 0.0, 0.0, 0.0]]]
-    )
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), NEG_INF, NEG_INF], [9.0, 0.0, 0.0, 0.0]]])
     mask = torch.tensor([[1, 1, 0]])
     assert entropy_from_logits(logits, mask).item() == pytest.approx((math.log(4.0) + h2) / 2)
 

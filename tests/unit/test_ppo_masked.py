@@ -42,9 +42,7 @@ def test_masked_whiten_without_mean_shift() -> None:
     x = torch.tensor([[2.0, 4.0], [6.0, PAD]])
     mask = torch.tensor([[1, 1], [1, 0]])
     # mean 4, unbiased var (4 + 0 + 4) / 2 = 4, std 2: (x - 4) / 2 + 4
-    torch.testing.assert_close(
-        masked_whiten(x, mask, shift_mean=False), torch.tensor([[3.0, 4.0], [5.0, 0.0]])
-    )
+    torch.testing.assert_close(masked_whiten(x, mask, shift_mean=False), torch.tensor([[3.0, 4.0], [5.0, 0.0]]))
 
 
 def test_inf_in_masked_positions_gives_no_nan_and_no_gradient() -> None:

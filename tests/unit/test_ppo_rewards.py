@@ -88,6 +88,4 @@ def test_missing_eos_penalty_hits_only_truncated_rows() -> None:
     mask = response_mask_after_eos(ids, 2)
     ended = has_eos(ids, mask, 2)
     assert ended.tolist() == [True, False]
-    torch.testing.assert_close(
-        penalize_missing_eos(torch.tensor([1.0, 1.0]), ended, 0.5), torch.tensor([1.0, 0.5])
-    )
+    torch.testing.assert_close(penalize_missing_eos(torch.tensor([1.0, 1.0]), ended, 0.5), torch.tensor([1.0, 0.5]))

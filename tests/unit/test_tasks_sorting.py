@@ -39,8 +39,7 @@ def test_only_the_exact_answer_scores_one():
 
 def test_prompt_numbers_from_rendered_chatml():
     rendered = (
-        "<|im_start|>system\nBe 1 brief.<|im_end|>\n"
-        "<|im_start|>user\nSort: 3 2 1<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>system\nBe 1 brief.<|im_end|>\n<|im_start|>user\nSort: 3 2 1<|im_end|>\n<|im_start|>assistant\n"
     )
     assert prompt_numbers(rendered) == [3, 2, 1]
 
@@ -59,14 +58,9 @@ def test_demo_data_is_deterministic_and_eval_is_held_out(tmp_path):
     def rows(name):
         return [json.loads(line) for line in (tmp_path / "a" / name).read_text().splitlines()]
 
-    train = {
-        tuple(prompt_numbers(r["prompt"])) for name in ("prefs.jsonl", "prompts.jsonl") for r in rows(name)
-    }
+    train = {tuple(prompt_numbers(r["prompt"])) for name in ("prefs.jsonl", "prompts.jsonl") for r in rows(name)}
     train |= {
-        tuple(prompt_numbers(m["content"]))
-        for r in rows("sft.jsonl")
-        for m in r["messages"]
-        if m["role"] == "user"
+        tuple(prompt_numbers(m["content"])) for r in rows("sft.jsonl") for m in r["messages"] if m["role"] == "user"
     }
     assert not train & {tuple(prompt_numbers(r["prompt"])) for r in rows("prompts_eval.jsonl")}
     sft = rows("sft.jsonl")
