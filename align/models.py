@@ -133,18 +133,27 @@ def check_lora_targets(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> None:
             )
 
 
-def apply_lora(model: PreTrainedModel, cfg: PeftConfig, *, new_tokens: bool) -> PeftModel:
-    modules_to_save = list(cfg.modules_to_save)
+def apply_lora(
+    model: PreTrainedModel,
+    cfg: PeftConfig,
+    *,
+    new_tokens: bool,
+    task_type: str = "CAUSAL_LM",
+    trained_in_full: tuple[str, ...] = (),
+) -> PeftModel:
+    """Wrap `model` in LoRA adapters; `trained_in_full` modules (a reward head) train beside them."""
+    modules_to_save = [*trained_in_full, *(m for m in cfg.modules_to_save if m not in trained_in_full)]
     if new_tokens:
         # A base model meeting ChatML tokens for the first time must learn their embeddings.
-        modules_to_save += [m for m in ("embed_tokens", "lm_head") if m not in modules_to_save]
+        heads = ("embed_tokens", "lm_head") if task_type == "CAUSAL_LM" else ("embed_tokens",)
+        modules_to_save += [m for m in heads if m not in modules_to_save]
     lora = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         modules_to_save=modules_to_save or None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, lora)
 
