@@ -14,7 +14,7 @@ import sys
 
 import hydra
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -75,7 +75,7 @@ def check_overrides(overrides: list[str]) -> AlignConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         config = OmegaConf.to_object(cfg)
-    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as exc:
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException) as exc:
         raise ConfigError(_one_line(exc)) from exc
     validate(config)
     return config
@@ -96,6 +96,8 @@ def validate(config: AlignConfig) -> None:
     for key in ("batch_size", "grad_accum"):
         if getattr(config.train, key) < 1:
             raise ConfigError(f"train.{key} must be at least 1")
+    if config.stage_name == "rm_eval" and not config.rm.path:
+        raise ConfigError("stage=rm_eval needs rm.path=<a trained reward model, e.g. an rm run's final/>")
     if config.train.max_steps == 0 or config.train.max_steps < -1:
         raise ConfigError("train.max_steps must be positive, or -1 to train for train.epochs")
 

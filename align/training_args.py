@@ -31,7 +31,7 @@ def hf_training_kwargs(config: AlignConfig, *, has_eval: bool) -> dict[str, Any]
         "max_grad_norm": train.max_grad_norm,
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
-        "gradient_checkpointing": train.gradient_checkpointing,
+        "activation_checkpointing": train.gradient_checkpointing,
         "logging_steps": train.logging_steps,
         "logging_first_step": True,
         # A NaN must stop the run (FiniteLossCallback), not be averaged away.

@@ -17,7 +17,8 @@ GROUPS = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in ("pe
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("model", MODELS)
 def test_every_stage_and_model_composes(stage, model):
-    config = check_overrides([f"stage={stage}", f"model={model}"])
+    extra = ["rm.path=/any/rm"] if stage == "rm_eval" else []
+    config = check_overrides([f"stage={stage}", f"model={model}", *extra])
     assert config.stage_name == stage
     assert config.model.name_or_path
 
@@ -28,8 +29,8 @@ def test_every_group_option_composes(group, option):
 
 
 def test_tiny_overrides_only_what_a_tiny_model_needs():
-    qwen = check_overrides(["model=qwen2.5-7b"])
-    tiny = check_overrides(["model=tiny"])
+    qwen = check_overrides(["stage=sft", "model=qwen2.5-7b"])
+    tiny = check_overrides(["stage=sft", "model=tiny"])
     # The Qwen report's SFT numbers are the stage defaults ...
     assert (qwen.train.lr, qwen.train.warmup_steps, qwen.train.max_steps) == (2e-6, 1430, 4000)
     assert (qwen.train.adam_beta2, qwen.train.weight_decay, qwen.train.dropout) == (0.95, 0.1, 0.1)

@@ -1,0 +1,162 @@
+"""The pipeline's report: does alignment work? A table on the terminal and in summary.md, plots.
+
+On held-out prompts it samples from the SFT policy and the PPO policy alike and compares the
+learned reward (the proxy PPO optimised), the task's gold score when one is configured, and the
+PPO policy's KL to the SFT policy (its reference). Plots come from the stages' log.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from align.config import AlignConfig, ModelConfig
+from align.data import load_recipe_data
+from align.models import load_causal_lm, load_tokenizer
+from align.ppo.forward import response_logprobs
+from align.ppo.rollout import sample
+
+log = logging.getLogger("align.summary")
+
+
+def write_summary(config: AlignConfig, out: Path, outputs: dict[str, Path]) -> str:
+    rows: list[tuple[str, str]] = []
+    sft, rm, ppo = (_metrics(outputs.get(s)) for s in ("sft", "rm", "ppo"))
+    if sft:
+        rows.append(("SFT eval loss", _fmt(sft.get("eval/loss"))))
+    if rm:
+        rows.append(("RM held-out accuracy", _fmt(rm.get("eval/accuracy"))))
+    if "ppo" in outputs and config.pipeline.eval_prompts:
+        evaluation = evaluate_policies(config, outputs)
+        rows.append(("PPO proxy reward, SFT -> PPO policy (held-out)", _arrow(evaluation, "proxy")))
+        if config.pipeline.gold_fn:
+            rows.append(("Gold score, SFT -> PPO policy (held-out)", _arrow(evaluation, "gold")))
+        rows.append(("KL(PPO policy || reference), held-out", _fmt(evaluation.get("kl"))))
+        (out / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    if ppo:
+        rows.append(
+            (
+                "PPO reward during training, first -> last 10%",
+                f"{_fmt(ppo.get('ppo/reward_start'))} -> {_fmt(ppo.get('ppo/reward_end'))}",
+            )
+        )
+    for stage, path in outputs.items():
+        wall = path / "wall_time.json"
+        if wall.is_file():
+            rows.append((f"Wall time, {stage}", f"{json.loads(wall.read_text())['seconds']:.0f} s"))
+    table = "| metric | value |\n| --- | --- |\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+    (out / "summary.md").write_text(f"# align pipeline summary\n\n{table}")
+    plot(outputs, out)
+    print("\n" + table)
+    return table
+
+
+def evaluate_policies(config: AlignConfig, outputs: dict[str, Path]) -> dict[str, float]:
+    """Sample once per held-out prompt from each policy with the same seed and settings."""
+    from align.reward_model import load_reward_model, rewards_at_last_token
+    from align.stages.ppo import import_reward_fn
+
+    sft_dir = outputs["sft"] / "final" if "sft" in outputs else None
+    ppo_dir = outputs["ppo"] / "final"
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(ppo_dir)))
+    prompts = load_recipe_data(config.pipeline.eval_prompts, "prompt", tokenizer, seed=0).train
+    ids = [row["prompt_input_ids"] for row in prompts]
+    texts = [row["prompt"][-1]["content"] for row in prompts]
+    reward_model = load_reward_model(str(outputs["rm"] / "final")).eval() if "rm" in outputs else None
+    gold = import_reward_fn(config.pipeline.gold_fn, "pipeline.gold_fn") if config.pipeline.gold_fn else None
+
+    result: dict[str, float] = {"prompts": len(ids)}
+    policies = {"sft": sft_dir, "ppo": ppo_dir} if sft_dir else {"ppo": ppo_dir}
+    rollouts = {}
+    for name, path in policies.items():
+        model = load_causal_lm(ModelConfig(name_or_path=str(path)), tokenizer).eval()
+        torch.manual_seed(config.seed)
+        rollout = sample(
+            model,
+            ids,
+            pad_id=tokenizer.pad_token_id,
+            eos_ids=[tokenizer.eos_token_id],
+            max_new_tokens=config.pipeline.eval_max_new_tokens,
+            temperature=config.ppo.temperature,
+            top_p=config.ppo.top_p,
+            device=torch.device("cpu"),
+        )
+        rollouts[name] = (model, rollout)
+        responses = [
+            tokenizer.decode(r[m.bool()], skip_special_tokens=True)
+            for r, m in zip(rollout.input_ids[:, rollout.prompt_len :], rollout.response_mask, strict=True)
+        ]
+        with torch.no_grad():
+            if reward_model is not None:
+                scores = rewards_at_last_token(reward_model, rollout.input_ids, rollout.attention_mask)
+                result[f"proxy_{name}"] = scores.float().mean().item()
+        if gold is not None:
+            result[f"gold_{name}"] = sum(gold(texts, responses)) / len(responses)
+    if "sft" in rollouts:
+        (ppo_model, rollout), (sft_model, _) = rollouts["ppo"], rollouts["sft"]
+        with torch.no_grad():
+            args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_len, config.ppo.temperature)
+            logp = response_logprobs(ppo_model, *args)[0]
+            ref = response_logprobs(sft_model, *args)[0]
+        # Per-sequence k1 KL on the PPO policy's own samples, as during training.
+        result["kl"] = ((logp - ref) * rollout.response_mask).sum(-1).mean().item()
+    return result
+
+
+def plot(outputs: dict[str, Path], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppo_log = _log(outputs.get("ppo"))
+    if ppo_log:
+        steps = [r["step"] for r in ppo_log]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+        ax[0].plot(steps, [r["ppo/reward_raw"] for r in ppo_log])
+        ax[0].set(title="PPO reward (proxy)", xlabel="step")
+        ax[1].plot(steps, [r["ppo/kl"] for r in ppo_log], color="tab:red")
+        ax[1].set(title="KL to reference", xlabel="step")
+        fig.tight_layout()
+        fig.savefig(out / "ppo_reward_kl.png", dpi=100)
+        plt.close(fig)
+        if "ppo/gold" in ppo_log[-1]:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot(steps, [r["ppo/reward_raw"] for r in ppo_log], label="proxy (reward model)")
+            ax.plot(steps, [r["ppo/gold"] for r in ppo_log], label="gold")
+            ax.set(title="Gold vs proxy reward: a gap opening is reward hacking", xlabel="step")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(out / "ppo_gold_vs_proxy.png", dpi=100)
+            plt.close(fig)
+    rm_log = [r for r in _log(outputs.get("rm")) if "eval/accuracy" in r]
+    if rm_log:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["step"] for r in rm_log], [r["eval/accuracy"] for r in rm_log], marker="o")
+        ax.set(title="Reward model held-out accuracy", xlabel="step", ylim=(0, 1))
+        fig.tight_layout()
+        fig.savefig(out / "rm_accuracy.png", dpi=100)
+        plt.close(fig)
+
+
+def _metrics(path: Path | None) -> dict:
+    if path is None or not (path / "metrics.json").is_file():
+        return {}
+    return json.loads((path / "metrics.json").read_text())
+
+
+def _log(path: Path | None) -> list[dict]:
+    if path is None or not (path / "log.jsonl").is_file():
+        return []
+    return [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _arrow(evaluation: dict, key: str) -> str:
+    return f"{_fmt(evaluation.get(f'{key}_sft'))} -> {_fmt(evaluation.get(f'{key}_ppo'))}"
