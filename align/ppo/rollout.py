@@ -32,7 +32,7 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
     return ids.to(device), mask.to(device)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the update embeds these ids again, under autograd
 def sample(
     model: nn.Module,
     prompts: list[list[int]],
