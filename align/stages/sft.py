@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 from align import models, rundir
 from align.config import AlignConfig
@@ -18,10 +18,24 @@ from align.hf_callbacks import FiniteLossCallback, TrackerCallback
 from align.lineage import parent_entry, recipe_entry, write_manifest
 from align.preemption import Preemption, PreemptionCallback
 from align.saving import save_final, save_random_base
+from align.sft_trainer import AlignSFTTrainer
 from align.tracking import Tracker
 from align.training_args import hf_training_kwargs
 
 log = logging.getLogger("align.sft")
+
+
+def sft_args(config: AlignConfig, *, has_eval: bool) -> SFTConfig:
+    """The SFTConfig of a run (bench/sft_throughput.py measures the trainer built from it)."""
+    return SFTConfig(
+        **hf_training_kwargs(config, has_eval=has_eval),
+        max_length=config.train.max_length,
+        packing=config.sft.packing,
+        # Best-fit packing keeps whole conversations and marks their boundaries with position_ids,
+        # so attention never crosses from one conversation into the next.
+        packing_strategy="bfd",
+        dataset_num_proc=None,
+    )
 
 
 def run(config: AlignConfig) -> dict[str, float]:
@@ -36,15 +50,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         on_error=config.data.on_error,
         cache_dir=config.data.cache_dir,
     )
-    args = SFTConfig(
-        **hf_training_kwargs(config, has_eval=data.eval is not None),
-        max_length=config.train.max_length,
-        packing=config.sft.packing,
-        # Best-fit packing keeps whole conversations and marks their boundaries with position_ids,
-        # so attention never crosses from one conversation into the next.
-        packing_strategy="bfd",
-        dataset_num_proc=None,
-    )
+    args = sft_args(config, has_eval=data.eval is not None)
     out = rundir.prepare(config, is_main=args.process_index == 0)
     tracker = Tracker(config, out, is_main=args.process_index == 0)
     preempted = PreemptionCallback(Preemption().install())
@@ -62,7 +68,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         new_tokens = len(tokenizer) > models.load_model_config(config.model).vocab_size
         model = models.apply_lora(model, config.peft, new_tokens=new_tokens)
 
-    trainer = SFTTrainer(
+    trainer = AlignSFTTrainer(
         model=model,
         args=args,
         train_dataset=data.train,
