@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
@@ -17,10 +18,34 @@ from align.config import AlignConfig
 from align.models import ADAPTER_CONFIG
 
 
-def save_random_base(model: PreTrainedModel, out: Path) -> Path:
-    """Keep the weights a random-init base had before LoRA, so the adapter can be reloaded."""
+def save_random_base(model: PreTrainedModel, out: Path, *, is_main: bool | None = None) -> Path:
+    """Keep the weights a random-init base had before LoRA, so the adapter can be reloaded.
+
+    Call it on every rank with `is_main=(rank == 0)`: under ZeRO-3 the model is built partitioned
+    (deepspeed.zero.Init), each rank holds a slice of every weight and `save_pretrained` alone would
+    write empty tensors, so the weights are gathered first, which every rank must join.
+    `is_main=None` means the caller is the main process alone; that works only while the weights
+    are whole on it (no ZeRO-3, or one process), and fails plainly otherwise instead of writing an
+    empty base.
+    """
     base = out / "base"
-    model.save_pretrained(base)
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+    if not partitioned:
+        if is_main is not False:
+            model.save_pretrained(base)
+        return base
+    if is_main is None:
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise RuntimeError(
+                "save_random_base was called on the main process alone, but ZeRO-3 partitions the "
+                "weights across ranks: call it on every rank with is_main=(rank == 0)"
+            )
+        is_main = True
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):  # a collective: every rank enters
+        if is_main:
+            model.save_pretrained(base)
     return base
 
 

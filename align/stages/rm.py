@@ -52,10 +52,11 @@ class PairwiseRewardTrainer(RewardTrainer):
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
         if model.training:  # TRL averages these over the logging interval as train/accuracy, ...
-            metrics = self._metrics["train"]
-            metrics["accuracy"].append((chosen > rejected).float().mean().item())
-            metrics["margin"].append((chosen - rejected).mean().item())
-            metrics["reward_mean"].append(rewards.mean().item())
+            # Gathered over ranks: each rank holds only its share of the batch.
+            metrics, gather = self._metrics["train"], self.accelerator.gather_for_metrics
+            metrics["accuracy"].append(gather((chosen > rejected).float().detach()).mean().item())
+            metrics["margin"].append(gather((chosen - rejected).detach()).mean().item())
+            metrics["reward_mean"].append(gather(rewards.detach()).mean().item())
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -118,8 +119,8 @@ def run(config: AlignConfig) -> dict[str, float]:
     else:
         weights_on_disk = model_cfg.init == "pretrained"
     if config.peft.enabled:
-        if not weights_on_disk and args.process_index == 0:
-            save_random_base(model, out)  # the adapter's base must be reloadable
+        if not weights_on_disk:
+            save_random_base(model, out, is_main=args.process_index == 0)  # the adapter's base must reload
         new_tokens = len(tokenizer) > models.load_model_config(model_cfg).vocab_size
         model = rm.apply_lora(model, config.peft, new_tokens=new_tokens)
 

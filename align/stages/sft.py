@@ -63,8 +63,8 @@ def run(config: AlignConfig) -> dict[str, float]:
         dropout=config.train.dropout,
     )
     if config.peft.enabled:
-        if config.model.init == "random" and args.process_index == 0:
-            save_random_base(model, out)
+        if config.model.init == "random":
+            save_random_base(model, out, is_main=args.process_index == 0)
         new_tokens = len(tokenizer) > models.load_model_config(config.model).vocab_size
         model = models.apply_lora(model, config.peft, new_tokens=new_tokens)
 
