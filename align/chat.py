@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from align.errors import DataError, ModelError
+from align.errors import DataError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -33,7 +33,8 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> int:
     # Generation must stop at the end of the assistant turn, not at the document end.
     tokenizer.eos_token = "<|im_end|>"
     if tokenizer.pad_token is None:
-        raise ModelError("the tokenizer has no pad token and no chat template; set model.pad_token to a token it has")
+        # Padding is masked everywhere, so any existing token serves.
+        tokenizer.pad_token = tokenizer.eos_token
     return added
 
 

@@ -11,6 +11,7 @@ import difflib
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -48,6 +49,10 @@ def _one_line(exc: BaseException) -> str:
         group, _, option = exc.missing_cfg_file.rpartition("/")
         options = ", ".join(exc.options or [])
         return f"unknown {group} option '{option}' (available: {options})"
+    if isinstance(exc, OverrideParseException):
+        # Hydra's message may repeat the override on its first line; the reason follows it.
+        lines = [line for line in str(exc).splitlines() if line and not line.startswith("Error parsing override")]
+        return f"cannot parse the override '{exc.override}': {lines[0] if lines else 'invalid syntax'}"
     cause = exc
     while cause.__cause__ is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__
@@ -66,7 +71,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _is_plain_override(arg: str) -> bool:
-    return not arg.startswith("-") and not arg.startswith("hydra") and "=" in arg
+    # An argument without '=' ('train.lr', '+foo') is a malformed override, checked here too:
+    # Hydra would report it in three lines.
+    return not arg.startswith("-") and not arg.startswith("hydra")
 
 
 def check_overrides(overrides: list[str]) -> AlignConfig:
@@ -91,6 +98,8 @@ def validate(config: AlignConfig) -> None:
         raise ConfigError(f"deepspeed.stage must be 0, 2 or 3, not {config.deepspeed.stage}")
     if config.logger.backend not in ("none", "wandb"):
         raise ConfigError(f"logger.backend must be none or wandb, not '{config.logger.backend}'")
+    if config.logger.mode not in (None, "online", "offline", "disabled", "shared"):
+        raise ConfigError(f"logger.mode must be online, offline, disabled or unset, not '{config.logger.mode}'")
     if config.model.init not in ("pretrained", "random"):
         raise ConfigError(f"model.init must be pretrained or random, not '{config.model.init}'")
     for key in ("batch_size", "grad_accum"):
@@ -102,9 +111,24 @@ def validate(config: AlignConfig) -> None:
         raise ConfigError("train.max_steps must be positive, or -1 to train for train.epochs")
 
 
+def check_library_names(config: AlignConfig) -> None:
+    """Keys whose valid values transformers defines; every stage imports it, so this costs nothing."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if config.train.lr_scheduler not in schedulers:
+        raise ConfigError(f"train.lr_scheduler '{config.train.lr_scheduler}' is not one of {', '.join(schedulers)}")
+    attention = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    impl = config.model.attn_implementation
+    if impl not in attention and "/" not in impl:  # 'org/name' is a kernel from the hub
+        raise ConfigError(f"model.attn_implementation '{impl}' is not one of {', '.join(attention)}")
+
+
 def run_stage(config: AlignConfig) -> dict[str, float]:
     from align.distributed import init_distributed
 
+    check_library_names(config)
     if config.dry_run:
         from align.dry_run import report
 
@@ -118,6 +142,13 @@ def run_stage(config: AlignConfig) -> dict[str, float]:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_entry(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from align.tracking import redact_files
+
+    hydra_dir = HydraConfig.get().output_subdir
+    if hydra_dir is not None:
+        redact_files(Path(HydraConfig.get().runtime.output_dir) / hydra_dir)
     try:
         config = OmegaConf.to_object(cfg)
         validate(config)

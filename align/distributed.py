@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from accelerate.state import PartialState
 
+from align.errors import ConfigError
+
 REUSE_DISTRIBUTED_STATE: dict[str, Any] = {"use_configured_state": True}
 """`accelerator_config` for every `TrainingArguments`: keep the state `init_distributed` built
 instead of resetting it (which would bring the one-process world back on CPU)."""
@@ -53,7 +55,7 @@ def world_info() -> tuple[int, int, int]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     if not 0 <= rank < world_size:
-        raise RuntimeError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher's environment")
+        raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher's environment")
     return rank, world_size, local_rank
 
 
@@ -99,7 +101,7 @@ def init_distributed(*, deepspeed: bool, timeout_s: int = 1800) -> PartialState:
 
     if "LOCAL_RANK" not in os.environ:
         if world_info()[1] > 1:
-            raise RuntimeError("WORLD_SIZE > 1 but LOCAL_RANK is unset: launch with torchrun or deepspeed")
+            raise ConfigError("WORLD_SIZE > 1 but LOCAL_RANK is unset: launch with torchrun or deepspeed")
         _set_single_process_env()
     if not _has_accelerator():
         # The root-cause fix: with the backend named, `PartialState` takes the world size and rank

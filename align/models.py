@@ -31,9 +31,15 @@ def _looks_local(name_or_path: str) -> bool:
 
 
 def _check_exists(cfg: ModelConfig) -> None:
+    if not _looks_local(cfg.name_or_path):
+        return
     path = Path(cfg.name_or_path).expanduser()
-    if _looks_local(cfg.name_or_path) and not path.is_dir():
-        raise ModelError(f"model.name_or_path '{cfg.name_or_path}' is not a directory")
+    # Not named as model.name_or_path: the path may come from ppo.policy, rm.init_from, rm.path, ...
+    if not path.is_dir():
+        raise ModelError(f"model directory '{cfg.name_or_path}' does not exist")
+    # Without this, transformers' complaint is several lines about tokenizer backends.
+    if not (path / "config.json").is_file() and not is_adapter_dir(path):
+        raise ModelError(f"'{cfg.name_or_path}' has no config.json: not a Hugging Face model directory")
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -44,11 +50,14 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a tokenizer from '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        # Padding is masked everywhere, so any existing token serves; the document-end EOS is the
+        # usual choice, taken before ChatML may make <|im_end|> the EOS.
+        tokenizer.pad_token = tokenizer.eos_token
     ensure_chat_template(tokenizer)
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer of '{cfg.name_or_path}' has no EOS token; generation could never stop")
     if tokenizer.pad_token_id is None:
-        # Padding is masked everywhere, so any existing token serves; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

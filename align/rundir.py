@@ -22,6 +22,8 @@ def prepare(config: AlignConfig, *, is_main: bool = True) -> Path:
     out = Path(config.output_dir)
     if config.resume != "never":
         _check_same_run(out, config)
+    if config.resume not in ("auto", "never"):
+        _explicit_checkpoint(config.resume)  # fail before any model loads, not when training starts
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
@@ -75,7 +77,16 @@ def resume_checkpoint(config: AlignConfig, out: Path) -> Path | None:
         if checkpoints:
             log.info("resuming from %s", checkpoints[-1])
         return checkpoints[-1] if checkpoints else None
-    path = Path(config.resume)
+    return _explicit_checkpoint(config.resume)
+
+
+def _explicit_checkpoint(resume: str) -> Path:
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"resume='{resume}' is not a directory (use auto, never or a checkpoint-N/ folder)")
     if not _is_complete(path):
-        raise CheckpointError(f"resume='{config.resume}' is not a complete checkpoint directory")
+        raise CheckpointError(
+            f"resume='{resume}' is not a complete checkpoint (a checkpoint-N/ folder holds trainer_state.json "
+            "and weights)"
+        )
     return path

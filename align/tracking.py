@@ -10,20 +10,26 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from align.config import AlignConfig
+from align.errors import ConfigError
 
 # Anything that looks like a credential is dropped from what we write or send.
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 
 
+def _secret_values() -> set[str]:
+    return {v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 8}
+
+
 def scrub(value: Any) -> Any:
     """A copy of a config-like structure without secret-looking keys or secret env values."""
-    secrets = {v for k, v in os.environ.items() if _SECRET_KEY.search(k) and len(v) >= 8}
+    secrets = _secret_values()
     if isinstance(value, dict):
         return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else scrub(v)) for k, v in value.items()}
     if isinstance(value, list):
@@ -35,6 +41,19 @@ def scrub(value: Any) -> Any:
 
 def config_dict(config: AlignConfig) -> dict[str, Any]:
     return scrub(OmegaConf.to_container(OmegaConf.structured(config), resolve=True))
+
+
+def redact_files(folder: Path) -> None:
+    """Replace secret env values in files written before we could scrub them (Hydra's .hydra/,
+    which saves the command line as typed)."""
+    secrets = sorted(_secret_values(), key=len, reverse=True)
+    for path in folder.glob("*.yaml") if folder.is_dir() else []:
+        text = path.read_text()
+        clean = text
+        for secret in secrets:
+            clean = clean.replace(secret, "<redacted>")
+        if clean != text:
+            path.write_text(clean)
 
 
 def _jsonable(value: Any) -> Any:
@@ -59,20 +78,31 @@ class Tracker:
         if config.logger.backend == "wandb":
             import wandb
 
-            cfg = config.logger
-            self._wandb = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity,
-                name=cfg.name or output_dir.name,
-                group=cfg.group,
-                tags=list(cfg.tags),
-                job_type=config.stage_name,
-                mode=cfg.mode,
-                dir=str(output_dir),
-                config=config_dict(config),
-                resume="allow",
-                id=_stable_run_id(output_dir),
-            )
+            logged = config_dict(config)  # scrubbed: the run name or tags could hold a secret too
+            cfg = logged["logger"]
+            # W&B records sys.argv as the run's command; a secret typed there must not go with it.
+            argv, sys.argv = sys.argv, [sys.argv[0], *scrub(sys.argv[1:])]
+            try:
+                self._wandb = wandb.init(
+                    project=cfg["project"],
+                    entity=cfg["entity"],
+                    name=cfg["name"] or output_dir.name,
+                    group=cfg["group"],
+                    tags=list(cfg["tags"]),
+                    job_type=config.stage_name,
+                    mode=cfg["mode"],
+                    dir=str(output_dir),
+                    config=logged,
+                    resume="allow",
+                    id=_stable_run_id(output_dir),
+                )
+            except (wandb.errors.Error, ValueError) as exc:  # no API key, bad $WANDB_MODE, no network
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(
+                    f"logger=wandb cannot start a run ({first}); set WANDB_MODE=offline to log without an account"
+                ) from exc
+            finally:
+                sys.argv = argv
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.is_main:

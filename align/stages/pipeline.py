@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from align import rundir
-from align.cli import validate
+from align.cli import check_library_names, validate
 from align.config import AlignConfig
 from align.errors import ConfigError
 from align.lineage import is_complete
@@ -58,6 +58,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         log.info("%s: python -m align %s", stage, " ".join(overrides))
         stage_config = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
         validate(stage_config)
+        check_library_names(stage_config)
         started = time.perf_counter()
         importlib.import_module(f"align.stages.{stage}").run(stage_config)
         timings[stage] = time.perf_counter() - started

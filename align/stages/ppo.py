@@ -264,6 +264,8 @@ def check_config(config: AlignConfig) -> None:
 
 def import_reward_fn(spec: str, key: str) -> RewardFn:
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{key} '{spec}' must have the form module:function")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:

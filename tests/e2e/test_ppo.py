@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import REPO, align_env, read_log, read_metrics
 
 GOLD = "ppo.reward_fn=align.tasks.sorting:gold_reward"
+BREVITY = "ppo.reward_fn=tests.rewards:brevity"
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +44,24 @@ def _mean(rows, key):
 
 def test_ppo_raises_the_reward_and_logs_everything(run_align, sft_policy, tmp_path):
     out = tmp_path / "ppo"
-    run_align("stage=ppo", f"ppo.policy={sft_policy}", GOLD, "train.max_steps=40", f"output_dir={out}")
+    run_align(
+        "stage=ppo",
+        f"ppo.policy={sft_policy}",
+        BREVITY,
+        "ppo.monitor_fn=align.tasks.sorting:gold_reward",
+        "train.max_steps=20",
+        "ppo.kl_coef=0.01",
+        "ppo.sample_every=5",
+        f"output_dir={out}",
+    )
     log = read_log(out)
-    assert [r["step"] for r in log] == list(range(1, 41))
-    start, end = _mean(log[:8], "ppo/reward_raw"), _mean(log[-8:], "ppo/reward_raw")
-    assert end > start + 0.05, (start, end)
+    assert [r["step"] for r in log] == list(range(1, 21))
+    start, end = _mean(log[:5], "ppo/reward_raw"), _mean(log[-5:], "ppo/reward_raw")
+    assert end > start + 0.15, (start, end)
+    assert "ppo/gold" in log[-1]
     kls = [r["ppo/kl"] for r in log]
     assert all(abs(k) < 1e-6 for k in kls[:5]), "during critic warm-up the policy equals the reference"
-    assert 0 < _mean(log[-8:], "ppo/kl") < 20
+    assert 0 < _mean(log[-5:], "ppo/kl") < 50
     for key in (
         "ppo/reward_norm",
         "ppo/entropy",
@@ -69,7 +80,7 @@ def test_ppo_raises_the_reward_and_logs_everything(run_align, sft_policy, tmp_pa
     ):
         assert key in log[-1], key
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert {s["step"] for s in samples} == {10, 20, 30, 40}
+    assert {s["step"] for s in samples} == {5, 10, 15, 20}
     assert all({"prompt", "response", "reward"} <= s.keys() for s in samples)
     metrics = read_metrics(out)
     assert metrics["ppo/reward_end"] > metrics["ppo/reward_start"]
