@@ -11,6 +11,7 @@ import pytest
 
 from align import distributed
 from align.distributed import build_deepspeed_config, world_info
+from align.errors import ConfigError
 
 pytestmark = pytest.mark.distributed
 
@@ -115,5 +116,5 @@ def test_world_info_reads_the_launcher_env(monkeypatch) -> None:
         monkeypatch.delenv(key)
     assert world_info() == (0, 1, 0)
     monkeypatch.setenv("RANK", "2")
-    with pytest.raises(RuntimeError, match="outside WORLD_SIZE"):
+    with pytest.raises(ConfigError, match="outside WORLD_SIZE"):
         world_info()
