@@ -205,14 +205,17 @@ def test_rank_outside_world_is_one_line(run_forked, tmp_path):
     assert_one_line_error(proc, "ConfigError", "RANK=2")
 
 
-def test_tokenizer_without_pad_pads_with_eos(run_forked, bad, tmp_path):
-    proc = run_forked(
+def test_tokenizer_without_pad_pads_with_eos(run_align, bad, tmp_path):
+    # A real process: training in a child forked from a parent whose torch threads already ran
+    # can deadlock in OpenMP, so the fork runner is only for runs that stop before any compute.
+    proc = run_align(
         SFT,
         f"model.name_or_path={bad}/no_pad",
         f"data.recipe={bad}/good.yaml",
         f"output_dir={tmp_path / 'out'}",
         "train.max_steps=1",
         "train.batch_size=2",
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     saved = json.loads((tmp_path / "out" / "final" / "tokenizer_config.json").read_text())
