@@ -148,7 +148,8 @@ def run(config: AlignConfig) -> dict[str, float]:
     final = save_final(trainer, tokenizer, no_merge, out)
     if config.peft.enabled and config.peft.merge and trainer.is_world_process_zero():
         rm.merge_reward_adapter(final, final / "merged", tokenizer)
-    tracker.log(metrics, step=step)
+    # The final evaluation joins the curves; the run-average train/loss belongs in metrics.json only.
+    tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=step)
     tracker.finish(metrics)
     if trainer.is_world_process_zero():
         write_manifest(

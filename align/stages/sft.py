@@ -83,7 +83,8 @@ def run(config: AlignConfig) -> dict[str, float]:
     if data.eval is not None:
         metrics.update({f"eval/{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()})
     save_final(trainer, tokenizer, config, out)
-    tracker.log(metrics, step=trainer.state.global_step)
+    # The final evaluation joins the curves; the run-average train/loss belongs in metrics.json only.
+    tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
     tracker.finish(metrics)
     if args.process_index == 0:
         write_manifest(
