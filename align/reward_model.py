@@ -30,6 +30,7 @@ from align import models
 from align.chat import encode, render
 from align.config import ModelConfig, PeftConfig
 from align.errors import ModelError
+from align.ppo.forward import position_ids
 from align.ppo.rewards import gather_at, last_token_index
 
 log = logging.getLogger("align.rm")
@@ -162,11 +163,10 @@ def rewards_at_last_token(model: torch.nn.Module, input_ids: Tensor, attention_m
     unpadded one. The forward goes through ``model`` itself (DDP, DeepSpeed and PEFT wrappers see
     it); the score head is applied to the final hidden states and read at ``last_token_index``.
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
+        position_ids=position_ids(attention_mask),
         output_hidden_states=True,
         use_cache=False,
     )

@@ -16,6 +16,7 @@ import torch
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.models import load_causal_lm, load_tokenizer
+from align.plugins import import_reward_fn
 from align.ppo.forward import response_logprobs
 from align.ppo.rollout import sample
 
@@ -57,7 +58,6 @@ def write_summary(config: AlignConfig, out: Path, outputs: dict[str, Path]) -> s
 def evaluate_policies(config: AlignConfig, outputs: dict[str, Path]) -> dict[str, float]:
     """Sample once per held-out prompt from each policy with the same seed and settings."""
     from align.reward_model import load_reward_model, rewards_at_last_token
-    from align.stages.ppo import import_reward_fn
 
     sft_dir = outputs["sft"] / "final" if "sft" in outputs else None
     ppo_dir = outputs["ppo"] / "final"

@@ -13,11 +13,9 @@ The maths lives in align/ppo/ as pure functions with unit tests.
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from align.config import AlignConfig
 from align.data import load_recipe_data
 from align.errors import CheckpointError, ConfigError, Preempted, TrainingError
 from align.lineage import parent_entry, recipe_entry, write_manifest
+from align.plugins import import_reward_fn
 from align.ppo import checkpoint
 from align.ppo.advantages import gae, whiten_advantages
 from align.ppo.forward import ValueModel, disable_dropout, response_logprobs
@@ -48,7 +47,6 @@ from align.preemption import Preemption
 from align.tracking import Tracker
 
 log = logging.getLogger("align.ppo")
-RewardFn = Callable[[list[str], list[str]], list[float]]
 
 
 def run(config: AlignConfig) -> dict[str, float]:
@@ -260,19 +258,6 @@ def check_config(config: AlignConfig) -> None:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data=<sft recipe>")
     if config.deepspeed.stage:
         raise ConfigError("stage=ppo does not run under DeepSpeed yet; use deepspeed=none (plain data parallel)")
-
-
-def import_reward_fn(spec: str, key: str) -> RewardFn:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"{key} '{spec}' must have the form module:function")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"{key} '{spec}' is not an importable module:function ({exc})") from exc
-    if not callable(fn):
-        raise ConfigError(f"{key} '{spec}' is not callable")
-    return fn
 
 
 def load_frozen_reward_model(path: str, config: AlignConfig) -> torch.nn.Module:
