@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +47,15 @@ def save(
     checkpoints_dir: Path,
     step: int,
     *,
-    models: dict[str, Any],
-    tensors: dict[str, Any],
+    write: Callable[[Path], None],
     state: dict[str, Any],
     rank: int,
     is_main: bool,
     save_total_limit: int,
     barrier,
 ) -> Path:
-    """Write checkpoint-{step}; `models` are saved with save_pretrained, `tensors` with torch.save."""
+    """Write checkpoint-{step}: `write(folder)` runs on every rank (each writes what it holds), then
+    the RNG state of every rank and, last, the trainer state."""
     final = checkpoints_dir / f"checkpoint-{step}"
     tmp = checkpoints_dir / f".tmp-checkpoint-{step}"
     if is_main:
@@ -63,10 +64,7 @@ def save(
     barrier()
     # Every rank keeps its own RNG stream.
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    if is_main:
-        for name, model in models.items():
-            model.save_pretrained(tmp / name, safe_serialization=True)
-        torch.save(tensors, tmp / "optimizer.pt")
+    write(tmp)
     barrier()
     if is_main:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
@@ -86,11 +84,10 @@ def _rotate(checkpoints_dir: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(trainer state, optimiser/scheduler tensors, this rank's RNG state); weights_only loads."""
+def load(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer state, this rank's RNG state); the models load their own parts."""
     state = json.loads((path / STATE_FILE).read_text())
-    tensors = torch.load(path / "optimizer.pt", weights_only=True)
     rng_file = path / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         rng_file = path / "rng_rank0.pt"
-    return state, tensors, torch.load(rng_file, weights_only=True)
+    return state, torch.load(rng_file, weights_only=True)

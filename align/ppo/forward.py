@@ -82,6 +82,10 @@ class ValueModel(nn.Module):
     def config(self):
         return self.model.config
 
+    def save_pretrained(self, folder, **kwargs) -> None:
+        """Saved as the sequence-classification model it wraps, which loads on its own."""
+        self.model.save_pretrained(folder, **kwargs)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
         inner = self.model
         if hasattr(inner, "get_base_model"):  # a PEFT wrapper: its layers are already patched in place

@@ -91,17 +91,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(
-    out: Path,
-    cache: Path,
-    *overrides: str,
-    nproc: int = N_RANKS,
-    probe: str | None = "probe",
-    preempt_at: int = 0,
-    launcher: Path | None = None,
-    expect_rc: int = 0,
-) -> Run:
-    """`python -m align` (or align_probe.py when `probe` names its output folder) on `nproc` ranks."""
+def ranks_env(cache: Path) -> dict[str, str]:
+    """The environment of a multi-rank launch: DeepSpeed's CPU accelerator, one thread per rank."""
     env = {
         key: value
         for key, value in align_env(cache).items()
@@ -115,6 +106,21 @@ def launch(
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
         }
     )
+    return env
+
+
+def launch(
+    out: Path,
+    cache: Path,
+    *overrides: str,
+    nproc: int = N_RANKS,
+    probe: str | None = "probe",
+    preempt_at: int = 0,
+    launcher: Path | None = None,
+    expect_rc: int = 0,
+) -> Run:
+    """`python -m align` (or align_probe.py when `probe` names its output folder) on `nproc` ranks."""
+    env = ranks_env(cache)
     if probe:
         env["ALIGN_PROBE_DIR"] = str(out / probe)
     if preempt_at:
