@@ -31,6 +31,7 @@ def test_update_reusing_the_scoring_forward_equals_a_fresh_forward():
     config.train.batch_size = 4
     config.ppo.mini_batches, config.ppo.epochs = 1, 2
     config.train.lr, config.ppo.value_lr = 1e-3, 1e-3
+    config.train.warmup_steps, config.train.warmup_ratio = 0, 0.0  # full learning rate from the first step
     placement = Placement(Accelerator(cpu=True), ds_config=None)
     policy, value = _models()
     trained = {}
