@@ -80,7 +80,7 @@ def report(config: AlignConfig) -> str:
     if config.stage_name == "ppo":
         lines.append(
             "ppo: policy and value are trained (estimates below each); the frozen reference and reward "
-            f"model add about {2 * 2 * total / GiB:.2f} GiB in 16-bit per device unless sharded"
+            f"model add about {2 * 2 * total / GiB:.2f} GiB in 16-bit per device (shared out under zero3)"
         )
     lines.append(f"\nDeepSpeed estimate of model-state memory (params, grads, optimizer) for {model_cfg.name_or_path}:")
     lines.append(f"  {'setting':42} {'per CPU node':>13} {'per GPU':>9}")
