@@ -107,6 +107,13 @@ def validate(config: AlignConfig) -> None:
             raise ConfigError(f"train.{key} must be at least 1")
     if config.stage_name == "rm_eval" and not config.rm.path:
         raise ConfigError("stage=rm_eval needs rm.path=<a trained reward model, e.g. an rm run's final/>")
+    if config.train.nan_skip_limit < 0:
+        raise ConfigError("train.nan_skip_limit must be 0 (stop at the first non-finite step) or more")
+    if config.train.nan_skip_limit > 0 and config.deepspeed.stage > 0:
+        # DeepSpeed steps its optimizer inside the backward pass, before the guard can drop the update.
+        raise ConfigError(
+            "train.nan_skip_limit needs deepspeed=none (DeepSpeed applies updates before they can be dropped)"
+        )
     if config.train.max_steps == 0 or config.train.max_steps < -1:
         raise ConfigError("train.max_steps must be positive, or -1 to train for train.epochs")
 

@@ -114,6 +114,10 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int = 3
     """Keep at most this many intermediate checkpoints (oldest rotated out)."""
+    nan_skip_limit: int = 0
+    """Optimizer steps with a non-finite loss or gradient to skip (update dropped, weights and
+    optimizer state kept; the step count and learning-rate schedule advance) before the run stops
+    with TrainingError. 0: stop at the first. Not with DeepSpeed."""
 
 
 @dataclass

@@ -59,6 +59,16 @@ def world_info() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
+def any_rank(flags: list[bool]) -> list[bool]:
+    """Each flag, true on every rank if it is true on any (a collective: call on all ranks together)."""
+    values = torch.tensor([1.0 if f else 0.0 for f in flags])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            values = values.cuda()
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v > 0) for v in values.tolist()]
+
+
 def _has_accelerator() -> bool:
     return torch.accelerator.is_available()
 

@@ -1,13 +1,19 @@
-"""Bridges from Hugging Face Trainer events to align's Tracker (used by the SFT and RM stages)."""
+"""Callbacks for the Hugging Face Trainer (SFT and RM stages): metrics to align's Tracker, and the
+non-finite guard."""
 
 from __future__ import annotations
 
+import logging
 import math
 
+import torch
 from transformers import TrainerCallback
 
+from align.distributed import any_rank
 from align.errors import TrainingError
 from align.tracking import Tracker
+
+log = logging.getLogger("align")
 
 _RENAME = {"learning_rate": "lr"}
 _SKIP = {"epoch", "total_flos"}
@@ -34,15 +40,61 @@ class TrackerCallback(TrainerCallback):
         self.tracker.log(metrics, step=state.global_step)
 
 
-class FiniteLossCallback(TrainerCallback):
-    """Stop at the first non-finite loss or gradient norm, before a checkpoint can keep it.
+class NonFiniteGuard(TrainerCallback):
+    """Stop at a non-finite loss or gradient, or with `skip_limit > 0` drop that step's update.
 
-    Logging happens before saving within a step, and `logging_nan_inf_filter` is off (it would
-    average a NaN away), so the newest checkpoint on disk is the last good one.
+    Checked at every optimizer step, before the update reaches the weights, so the newest
+    checkpoint on disk is always the last good one. A skipped step keeps the weights and the
+    optimizer state as they were (every gradient is dropped, so AdamW touches nothing), while the
+    step counter and the learning-rate schedule advance. Under DeepSpeed the optimizer steps inside
+    the backward pass, before this check: the loss is checked there too, and the run stops before
+    that step's checkpoint (skipping is refused at start-up, see cli.validate).
     """
 
+    def __init__(self, skip_limit: int = 0) -> None:
+        self.skip_limit = skip_limit
+        self.skipped = 0
+        self._losses_finite: torch.Tensor | None = None
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Called with every micro-batch's loss; a device tensor, read once per optimizer step (no sync here)."""
+        finite = torch.isfinite(loss.detach()).all()
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad_loss = self._losses_finite is not None and not bool(self._losses_finite)
+        self._losses_finite = None
+        grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+        bad_grad = bool(grads) and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        # Under DDP the gradients are already averaged, but each rank saw only its own losses.
+        bad_loss, bad_grad = any_rank([bad_loss, bad_grad])
+        if not (bad_loss or bad_grad):
+            return
+        step = state.global_step + 1
+        what = "train/loss" if bad_loss else "gradient"
+        if self.skip_limit == 0:
+            raise TrainingError(f"non-finite {what} at step {step}; the last good checkpoint is kept in checkpoints/")
+        self.skipped += 1
+        if self.skipped > self.skip_limit:
+            raise TrainingError(
+                f"non-finite {what} at step {step}, {self.skipped} steps skipped: more than "
+                f"train.nan_skip_limit={self.skip_limit}; the last good checkpoint is kept in checkpoints/"
+            )
+        log.warning(
+            "non-finite %s at step %d: update skipped (%d of train.nan_skip_limit=%d)",
+            what,
+            step,
+            self.skipped,
+            self.skip_limit,
+        )
+        model.zero_grad(set_to_none=True)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm", "eval_loss"):
+        # Evaluation is not guarded above; train loss and grad norm are, except under DeepSpeed
+        # (gradients live in its optimizer), which this backstop covers in stop mode. In skip mode a
+        # skipped step's logged grad norm is NaN by design.
+        keys = ("eval_loss",) if self.skip_limit else ("loss", "grad_norm", "eval_loss")
+        for key in keys:
             value = (logs or {}).get(key)
             if value is not None and not math.isfinite(float(value)):
                 raise TrainingError(

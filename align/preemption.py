@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import signal
 
-import torch
 from transformers import TrainerCallback
+
+from align.distributed import any_rank
 
 log = logging.getLogger("align")
 
@@ -35,12 +36,7 @@ class Preemption:
 
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (a collective: call on all ranks together)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_backend() == "nccl":
-                flag = flag.cuda()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return any_rank([self.requested])[0]
 
 
 class PreemptionCallback(TrainerCallback):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -60,12 +61,36 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 def _is_complete(path: Path) -> bool:
-    """The trainer state is written last and must parse; weights must be there beside it."""
+    """The trainer state is written last and must parse; weights must be there beside it, and whole.
+
+    Checkpoints are renamed into place only when whole (hf_trainer, ppo/checkpoint); these checks
+    catch what a rename cannot: older runs, copies cut short, a disk that lost the tail of a file.
+    """
     try:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    return any(path.rglob("*.safetensors")) or any(path.rglob("*.pt")) or any(path.rglob("*.bin"))
+    files = [p for p in path.rglob("*") if p.is_file()]
+    if not any(p.suffix in (".safetensors", ".pt", ".bin") for p in files):
+        return False
+    safetensors_whole = all(_safetensors_whole(p) for p in files if p.suffix == ".safetensors")
+    # torch.save writes a zip whose directory is at the end: a cut file has none.
+    return safetensors_whole and all(zipfile.is_zipfile(p) for p in files if p.suffix in (".pt", ".pth"))
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """The header (8-byte length, then JSON) parses and the file is as long as its tensors need."""
+    try:
+        total = path.stat().st_size
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if total < 8 + size:
+                return False
+            header = json.loads(f.read(size))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+    return total >= 8 + size + end
 
 
 def resume_checkpoint(config: AlignConfig, out: Path) -> Path | None:

@@ -21,6 +21,8 @@ from transformers import Trainer
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from align.hf_trainer import AlignTrainerMixin
+
 
 @dataclass
 class PackedRowsCollator:
@@ -45,7 +47,7 @@ class PackedRowsCollator:
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
-class AlignSFTTrainer(SFTTrainer):
+class AlignSFTTrainer(AlignTrainerMixin, SFTTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         varlen = "flash" in str(self.model.config._attn_implementation)

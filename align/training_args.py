@@ -34,8 +34,9 @@ def hf_training_kwargs(config: AlignConfig, *, has_eval: bool) -> dict[str, Any]
         "activation_checkpointing": train.gradient_checkpointing,
         "logging_steps": train.logging_steps,
         "logging_first_step": True,
-        # A NaN must stop the run (FiniteLossCallback), not be averaged away.
-        "logging_nan_inf_filter": False,
+        # A NaN must stop the run (hf_callbacks.NonFiniteGuard), not be averaged away; when skipped
+        # steps are allowed, the logged loss puts the running mean in their place (the Trainer's filter).
+        "logging_nan_inf_filter": train.nan_skip_limit > 0,
         "eval_strategy": "steps" if evaluate else "no",
         "eval_steps": train.eval_steps if evaluate else None,
         "save_strategy": "steps",

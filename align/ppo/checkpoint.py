@@ -68,7 +68,12 @@ def save(
     barrier()
     if is_main:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        old = checkpoints_dir / f".old-checkpoint-{step}"
+        if final.exists():  # a broken save that resume=auto skipped, or one from before a resume=never restart
+            shutil.rmtree(old, ignore_errors=True)
+            final.replace(old)
         tmp.replace(final)
+        shutil.rmtree(old, ignore_errors=True)
         _rotate(checkpoints_dir, save_total_limit)
     barrier()
     return final

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
+from align.distributed import any_rank
 from align.errors import CheckpointError
 from align.models import is_adapter_dir
 from align.ppo.forward import ValueModel
@@ -106,15 +108,22 @@ class TrainedModel:
         self.engine.backward(loss)
         self.engine.step()
 
-    def finish_mini_batch(self, max_grad_norm: float) -> float:
-        """Clip and step (DeepSpeed did both in its last `step`); the gradient norm before clipping."""
+    def finish_mini_batch(self, max_grad_norm: float, losses_finite: bool = True) -> float:
+        """Clip and step; the gradient norm before clipping, NaN when the update was not applied.
+
+        A non-finite loss (on any rank) or gradient is never applied: the gradient is dropped and
+        the weights and optimiser state stay as they were. DeepSpeed clips and steps inside its
+        last `backward` and cannot drop an update; the caller stops the run instead.
+        """
         if self.engine is not None:
             norm = self.engine.get_global_grad_norm()
-            return float(norm) if norm is not None else float("nan")
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_grad_norm)
-        self.optimizer.step()
+            return float(norm) if norm is not None and losses_finite else float("nan")
+        norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_grad_norm))
+        (bad_loss,) = any_rank([not losses_finite])  # DDP: every rank must make the same choice
+        if not bad_loss and math.isfinite(norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return float("nan") if bad_loss else norm
 
     @contextlib.contextmanager
     def for_generation(self) -> Iterator[nn.Module]:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from align.config import AlignConfig
 from align.data import load_recipe_data
 from align.distributed import build_deepspeed_config, world_info
 from align.errors import CheckpointError, ConfigError, Preempted, TrainingError
-from align.lineage import parent_entry, recipe_entry, write_manifest
+from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
 from align.plugins import import_reward_fn
 from align.ppo import checkpoint
 from align.ppo.advantages import gae, whiten_advantages
@@ -116,6 +118,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         start_step = restore(resume_from, accelerator, state)
         log.info("resumed from %s at step %d", resume_from, start_step)
 
+    nonfinite = NonFiniteUpdates(config.train.nan_skip_limit)
     preemption = Preemption().install()
     history: list[dict[str, float]] = []
     bar = tqdm(
@@ -182,6 +185,7 @@ def run(config: AlignConfig) -> dict[str, float]:
             train_policy,
             ptx_batches,
             first_forward if first_forward.keeps_graph else None,
+            partial(nonfinite.dropped, step=step + 1),
         )
         policy.scheduler.step()
         value.scheduler.step()
@@ -227,16 +231,16 @@ def run(config: AlignConfig) -> dict[str, float]:
 
     final_metrics = summarize(history)
     save_final(out, config, accelerator, policy, value, tokenizer)
-    tracker.finish(final_metrics)
+    manifest = build_manifest(
+        config,
+        out,
+        data={"prompts": recipe_entry(config.data.recipe, prompt_data.fingerprint)},
+        parents=[parent_entry("policy", ppo.policy), parent_entry("reward_model", ppo.reward_model)],
+        metrics=final_metrics,
+    )
+    tracker.finish(final_metrics, manifest=manifest)  # logs the manifest to W&B, then closes the run
     if accelerator.is_main_process:
-        data = {"prompts": recipe_entry(config.data.recipe, prompt_data.fingerprint)}
-        write_manifest(
-            config,
-            out,
-            data=data,
-            parents=[parent_entry("policy", ppo.policy), parent_entry("reward_model", ppo.reward_model)],
-            metrics=final_metrics,
-        )
+        save_manifest(manifest, out)  # last: manifest.json marks the stage complete
     return final_metrics
 
 
@@ -393,9 +397,11 @@ def update(
     train_policy: bool,
     ptx_batches,
     first_forward: Forward | None,
+    on_nonfinite: Callable[[str], None],
 ) -> dict[str, float]:
     """`ppo.epochs` passes over the rollout in mini-batches; the first epoch reuses `first_forward`
-    (the whole rollout as one micro-batch, scored with these weights) when given."""
+    (the whole rollout as one micro-batch, scored with these weights) when given. A mini-batch
+    whose loss or gradient is not finite is not applied, and `on_nonfinite` says which."""
     ppo, train = config.ppo, config.train
     n = rollout.input_ids.shape[0]
     mini_size = n // ppo.mini_batches
@@ -407,6 +413,7 @@ def update(
         order = torch.arange(n) if reuse else torch.randperm(n)
         for m in range(ppo.mini_batches):
             mini = order[m * mini_size : (m + 1) * mini_size]
+            finite = {"value": True, "policy": True}
             for k in range(accum):
                 idx = mini[k * train.batch_size : (k + 1) * train.batch_size].to(rollout.input_ids.device)
                 ids, att, mask = (
@@ -417,6 +424,7 @@ def update(
                 stats = {}
                 values = first_forward.values if reuse else value(ids, att, rollout.prompt_len)
                 v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], mask, ppo.value_clip)
+                finite["value"] &= bool(torch.isfinite(v_loss))
                 value.backward(v_loss, accum)
                 stats.update({"ppo/value_loss": v_loss.item(), "ppo/vf_clipfrac": v_stats["vf_clipfrac"].item()})
                 if train_policy:
@@ -431,6 +439,7 @@ def update(
                         ptx_loss = ptx_lm_loss(policy, next(ptx_batches))
                         loss = loss + ppo.ptx_coef * ptx_loss
                         stats["ppo/ptx_loss"] = ptx_loss.item()
+                    finite["policy"] &= bool(torch.isfinite(loss))
                     policy.backward(loss, accum)
                     stats.update(
                         {
@@ -444,9 +453,13 @@ def update(
                 for key, val in stats.items():
                     sums[key] = sums.get(key, 0.0) + val
                 count += 1
-            grad_norms = {"ppo/value_grad_norm": value.finish_mini_batch(train.max_grad_norm)}
+            grad_norms = {"ppo/value_grad_norm": value.finish_mini_batch(train.max_grad_norm, finite["value"])}
             if train_policy:
-                grad_norms["ppo/policy_grad_norm"] = policy.finish_mini_batch(train.max_grad_norm)
+                grad_norms["ppo/policy_grad_norm"] = policy.finish_mini_batch(train.max_grad_norm, finite["policy"])
+            for role in ("value", "policy"):
+                norm = grad_norms.get(f"ppo/{role}_grad_norm", 0.0)
+                if not math.isfinite(norm):
+                    on_nonfinite(f"{role} loss" if not finite[role] else f"{role} gradient")
             for key, val in grad_norms.items():
                 sums[key] = sums.get(key, 0.0) + val * accum
     return {key: val / count for key, val in sums.items()}
@@ -499,13 +512,39 @@ def gather_mean(metrics: dict[str, float], accelerator: Accelerator) -> dict[str
 
 
 def check_finite(metrics: dict[str, float], step: int) -> None:
-    bad = [
-        k
-        for k in ("ppo/policy_loss", "ppo/value_loss", "ppo/reward_raw", "ppo/kl")
-        if k in metrics and not math.isfinite(metrics[k])
-    ]
+    """A rollout that scored NaN cannot be trained on or skipped past: stop (losses and gradients
+    are guarded in `update`, before any update is applied)."""
+    bad = [k for k in ("ppo/reward_raw", "ppo/kl") if k in metrics and not math.isfinite(metrics[k])]
     if bad:
-        raise TrainingError(f"non-finite {', '.join(bad)} at step {step}; the last checkpoint is kept")
+        raise TrainingError(
+            f"non-finite {', '.join(bad)} at step {step}; the last good checkpoint is kept in checkpoints/"
+        )
+
+
+class NonFiniteUpdates:
+    """Stop at a non-finite loss or gradient (`train.nan_skip_limit=0`), or drop up to that many
+    mini-batch updates (a warning each) and stop at the next. No checkpoint is written after it,
+    so the newest one on disk is the last good one."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.skipped = limit, 0
+
+    def dropped(self, what: str, step: int) -> None:
+        if self.limit == 0:
+            raise TrainingError(f"non-finite {what} at step {step}; the last good checkpoint is kept in checkpoints/")
+        self.skipped += 1
+        if self.skipped > self.limit:
+            raise TrainingError(
+                f"non-finite {what} at step {step}, {self.skipped} updates skipped: more than "
+                f"train.nan_skip_limit={self.limit}; the last good checkpoint is kept in checkpoints/"
+            )
+        log.warning(
+            "non-finite %s at step %d: update skipped (%d of train.nan_skip_limit=%d)",
+            what,
+            step,
+            self.skipped,
+            self.limit,
+        )
 
 
 def summarize(history: list[dict[str, float]]) -> dict[str, float]:

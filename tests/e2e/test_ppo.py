@@ -1,6 +1,7 @@
 """`python -m align stage=ppo` on the tiny model: learning, logging, exact resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -8,6 +9,8 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.conftest import REPO, align_env, read_log, read_metrics
 
@@ -133,3 +136,67 @@ def test_ppo_needs_a_reward(run_align, sft_policy):
     proc = run_align("stage=ppo", f"ppo.policy={sft_policy}", check=False)
     assert proc.returncode == 2
     assert "needs ppo.reward_model=<rm dir> or ppo.reward_fn=module:function" in proc.stderr
+
+
+POISONED_PPO = [
+    "stage=ppo",
+    BREVITY,
+    "ppo.prompts_per_step=4",
+    "ppo.responses_per_prompt=2",
+    "train.batch_size=8",  # one micro-batch: each step runs one value and one policy forward with gradients
+    "ppo.mini_batches=1",
+    "ppo.epochs=1",
+    "ppo.value_warmup_steps=1",
+    "ppo.max_new_tokens=8",
+    "train.max_steps=5",
+]
+# tests/poison.py counts embedding forwards with gradients: value, then (after warm-up) policy, so
+# forward 5 is step 3's policy forward, and POISON=grad makes only the policy's gradient NaN there.
+POLICY_FORWARD_OF_STEP_3 = "5"
+
+
+def _poisoned(out, data_cache, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.poison", *POISONED_PPO, *overrides, f"output_dir={out}"],
+        cwd=REPO,
+        env=align_env(data_cache, OMP_NUM_THREADS="1", POISON="grad", POISON_STEPS=POLICY_FORWARD_OF_STEP_3),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_non_finite_gradient_stops_with_the_last_good_checkpoint(tmp_path, data_cache):
+    out = tmp_path / "run"
+    proc = _poisoned(out, data_cache, "train.save_steps=2")
+    assert proc.returncode == 6, proc.stderr[-4000:]  # TrainingError
+    assert [line for line in proc.stderr.splitlines() if line.startswith("align: ")] == [
+        "align: TrainingError: non-finite policy gradient at step 3; the last good checkpoint is kept in checkpoints/"
+    ]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert not (out / "final").exists()
+
+
+def test_non_finite_gradient_is_skipped_within_the_limit(tmp_path, data_cache):
+    out = tmp_path / "run"
+    proc = _poisoned(out, data_cache, "train.save_steps=1", "train.nan_skip_limit=1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    said = proc.stdout + proc.stderr
+    assert "non-finite policy gradient at step 3: update skipped (1 of train.nan_skip_limit=1)" in said
+    weights = {
+        (step, role): load_file(out / "checkpoints" / f"checkpoint-{step}" / role / "model.safetensors")
+        for step in (2, 3, 4)
+        for role in ("policy", "value")
+    }
+
+    def same(a, b):
+        return all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])
+
+    # Step 3 dropped the policy's update only; the value model trained, and step 4 trained both.
+    assert same((2, "policy"), (3, "policy"))
+    assert not same((2, "value"), (3, "value"))
+    assert not same((3, "policy"), (4, "policy"))
+    assert all(torch.isfinite(t).all() for t in load_file(out / "final" / "model.safetensors").values())
+    log = {row["step"]: row for row in read_log(out)}
+    assert math.isnan(float(log[3]["ppo/policy_grad_norm"])) and math.isfinite(log[4]["ppo/policy_grad_norm"])

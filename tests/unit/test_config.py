@@ -49,11 +49,16 @@ def test_tiny_overrides_only_what_a_tiny_model_needs():
         ),
         ("model=nope", "unknown model option 'nope'"),
         ("train.precision=fp8", "train.precision must be auto, bf16, fp16 or fp32, not 'fp8'"),
+        ("train.nan_skip_limit=-1", "train.nan_skip_limit must be 0 (stop at the first non-finite step) or more"),
+        (
+            "train.nan_skip_limit=2 deepspeed=zero2 stage=ppo",
+            "train.nan_skip_limit needs deepspeed=none (DeepSpeed applies updates before they can be dropped)",
+        ),
     ],
 )
 def test_bad_config_is_one_clear_line(override, message):
     with pytest.raises(ConfigError) as err:
-        check_overrides([override])
+        check_overrides(override.split())
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

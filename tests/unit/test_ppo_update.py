@@ -26,6 +26,10 @@ def _models() -> tuple[torch.nn.Module, torch.nn.Module]:
     return policy, value
 
 
+def _finite(what: str) -> None:
+    raise AssertionError(f"non-finite {what}")
+
+
 def test_update_reusing_the_scoring_forward_equals_a_fresh_forward():
     config = AlignConfig(stage_name="ppo", output_dir="unused")
     config.train.batch_size = 4
@@ -58,7 +62,7 @@ def test_update_reusing_the_scoring_forward_equals_a_fresh_forward():
     first = score_forward(p, v, rollout, 1.0, config, train=True)
     assert first.keeps_graph and first.logp.requires_grad and first.values.requires_grad
     old_logp, old_values = first.logp.detach(), first.values.detach()
-    reused = update(config, p, v, rollout, old_logp, old_values, advantages, returns, True, None, first)
+    reused = update(config, p, v, rollout, old_logp, old_values, advantages, returns, True, None, first, _finite)
 
     p, v = trained["fresh"]
     with torch.no_grad():
@@ -66,7 +70,7 @@ def test_update_reusing_the_scoring_forward_equals_a_fresh_forward():
         fresh_values = v(rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
     torch.testing.assert_close(fresh_logp, old_logp, rtol=0, atol=0)
     torch.testing.assert_close(fresh_values, old_values, rtol=0, atol=0)
-    fresh = update(config, p, v, rollout, fresh_logp, fresh_values, advantages, returns, True, None, None)
+    fresh = update(config, p, v, rollout, fresh_logp, fresh_values, advantages, returns, True, None, None, _finite)
 
     assert reused.keys() == fresh.keys()
     for key in reused:
