@@ -16,7 +16,7 @@ from typing import Any
 
 import align
 from align.config import REPO_ROOT, AlignConfig
-from align.tracking import config_dict
+from align.tracking import config_dict, jsonable
 
 MANIFEST = "manifest.json"
 
@@ -68,14 +68,15 @@ def parent_entry(role: str, path: str | None) -> dict[str, Any] | None:
     }
 
 
-def write_manifest(
+def build_manifest(
     config: AlignConfig,
     out: Path,
     *,
     data: dict[str, dict[str, Any]],
     parents: list[dict[str, Any] | None],
     metrics: dict[str, Any],
-) -> Path:
+) -> dict[str, Any]:
+    """The manifest as plain JSON values, so the tracker can log it before `save_manifest` marks completion."""
     manifest = {
         "stage": config.stage_name,
         "output_dir": str(out.resolve()),
@@ -85,11 +86,18 @@ def write_manifest(
         "model": config.model.name_or_path,
         "data": data,
         "parents": [p for p in parents if p is not None],
-        "metrics": metrics,
+        "metrics": {k: jsonable(v) for k, v in metrics.items()},
         "config": config_dict(config),
     }
+    # A round trip through JSON: W&B metadata takes only plain values, and what is logged there must
+    # equal what manifest.json holds.
+    return json.loads(json.dumps(manifest, default=str))
+
+
+def save_manifest(manifest: dict[str, Any], out: Path) -> Path:
+    """Write manifest.json atomically; call it last, after the W&B run finished: it marks the stage complete."""
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(out / MANIFEST)
     return out / MANIFEST
 

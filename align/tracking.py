@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 from align.config import AlignConfig
 from align.errors import ConfigError
 
-# Anything that looks like a credential is dropped from what we write or send.
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+# Anything that looks like a credential is dropped from what we write or send. `tokens` and
+# `tokenizer` are not credentials: max_new_tokens must stay in the config a manifest records.
+_SECRET_KEY = re.compile(r"(api[_-]?key|token(?!s|izer)|secret|password)", re.IGNORECASE)
 
 
 def _secret_values() -> set[str]:
@@ -56,7 +57,7 @@ def redact_files(folder: Path) -> None:
             path.write_text(clean)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -94,7 +95,7 @@ class Tracker:
                     dir=str(output_dir),
                     config=logged,
                     resume="allow",
-                    id=_stable_run_id(output_dir),
+                    id=stable_run_id(output_dir),
                 )
             except (wandb.errors.Error, ValueError) as exc:  # no API key, bad $WANDB_MODE, no network
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -107,7 +108,7 @@ class Tracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.is_main:
             return
-        clean = {k: _jsonable(v) for k, v in metrics.items()}
+        clean = {k: jsonable(v) for k, v in metrics.items()}
         self._log_file.write(json.dumps({"step": step, **clean}) + "\n")
         self._log_file.flush()
         if self._wandb is not None:
@@ -125,20 +126,60 @@ class Tracker:
             for row in rows:
                 f.write(json.dumps({"table": name, "step": step, **dict(zip(columns, row, strict=True))}) + "\n")
 
-    def finish(self, final_metrics: dict[str, Any]) -> None:
+    def finish(self, final_metrics: dict[str, Any], manifest: dict[str, Any] | None = None) -> None:
+        """Write metrics.json and close the W&B run, logging the manifest to it first when given.
+
+        The caller writes manifest.json after this: it marks the stage complete, so it comes last.
+        """
         if not self.is_main:
             return
-        clean = {k: _jsonable(v) for k, v in final_metrics.items()}
+        clean = {k: jsonable(v) for k, v in final_metrics.items()}
         tmp = self.output_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
         tmp.replace(self.output_dir / "metrics.json")
         self._log_file.close()
         if self._wandb is not None:
+            import wandb
+
             self._wandb.summary.update(clean)
+            if manifest is not None:
+                self._log_manifest(manifest)
             self._wandb.finish()
+            # finish() returns once W&B's service (wandb-core) has everything, not once it is on disk: the
+            # service buffers the run's record log (run-*.wandb, what an offline run is synced from) in
+            # 32 KiB blocks and writes the last one when it closes the run's stream, which finish() only
+            # asks for. Shutting the service down waits for that, so all the run logged is written before
+            # the caller writes manifest.json; the next wandb.init starts a new service. Not while another
+            # run of this process is open: shutting down would end it too.
+            if wandb.run is None:
+                wandb.teardown()
+
+    def _log_manifest(self, manifest: dict[str, Any]) -> None:
+        """The manifest as a `manifest` artifact (metadata and file), its lineage keys in the run config."""
+        import wandb
+
+        run = self._wandb
+        artifact = wandb.Artifact(f"{manifest['stage']}-manifest-{run.id}", type="manifest", metadata=manifest)
+        with artifact.new_file("manifest.json") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+        for parent in manifest["parents"]:
+            path = Path(parent["path"]) if parent.get("path") else None
+            if path is not None and path.exists():
+                # A reference without checksums: W&B records where a parent checkpoint lives and what
+                # it holds without reading or uploading gigabytes of weights.
+                artifact.add_reference(path.as_uri(), name=f"parents/{parent['role']}", checksum=False)
+        run.log_artifact(artifact)
+        # In the config as well, so the runs table can filter and group by commit, data hash or parent.
+        lineage = {
+            "align_version": manifest["align_version"],
+            "git_commit": manifest["git_commit"],
+            "data": manifest["data"],
+            "parents": {p["role"]: p.get("path") or p.get("hub_id") for p in manifest["parents"]},
+        }
+        run.config.update({"lineage": lineage}, allow_val_change=True)
 
 
-def _stable_run_id(output_dir: Path) -> str:
+def stable_run_id(output_dir: Path) -> str:
     """One W&B run per output directory, so a resumed run continues its own curves."""
     import hashlib
 

@@ -3,11 +3,13 @@
 Each stage runs in its own folder under output_dir with its own composed config: the command
 line's overrides apply to every stage, `pipeline.<stage>=[...]` to one. A stage whose folder
 has a manifest.json is complete and skipped; an interrupted one resumes (resume=auto). All
-stages share one W&B group.
+stages share one W&B group, each stage's run with its stage as job type, beside a `pipeline` run
+holding every stage's final metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -24,6 +26,7 @@ from align.config import AlignConfig
 from align.errors import ConfigError
 from align.lineage import is_complete
 from align.summary import write_summary
+from align.tracking import Tracker, stable_run_id
 
 log = logging.getLogger("align.pipeline")
 KNOWN = ("sft", "rm", "ppo")
@@ -38,7 +41,8 @@ def run(config: AlignConfig) -> dict[str, float]:
         raise ConfigError(f"pipeline.stages must be a non-empty list of {', '.join(KNOWN)}; got {stages}")
     out = rundir.prepare(config)
     shared = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(_PIPELINE_KEYS)]
-    group = config.logger.group or out.resolve().name
+    # The folder's name for people, its path's hash so two pipelines both called `pipe` stay apart.
+    group = config.logger.group or f"{out.resolve().name}-{stable_run_id(out)[:6]}"
 
     outputs = {stage: out / stage for stage in stages}
     timings: dict[str, float] = {}
@@ -66,7 +70,9 @@ def run(config: AlignConfig) -> dict[str, float]:
 
     metrics = {f"{stage}/{k}": v for stage in stages for k, v in read_metrics(outputs[stage]).items()}
     write_summary(config, out, outputs)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    # A run of its own in the stages' group: one row on the dashboard for what this pipeline gained.
+    tracker = Tracker(dataclasses.replace(config, logger=dataclasses.replace(config.logger, group=group)), out)
+    tracker.finish(metrics)
     return metrics
 
 

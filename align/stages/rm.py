@@ -27,8 +27,9 @@ from align import reward_model as rm
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.errors import DataError, Preempted
-from align.hf_callbacks import FiniteLossCallback, TrackerCallback
-from align.lineage import parent_entry, recipe_entry, write_manifest
+from align.hf_callbacks import TrackerCallback
+from align.hf_trainer import AlignTrainerMixin
+from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
 from align.preemption import Preemption, PreemptionCallback
 from align.saving import save_final, save_random_base
 from align.tracking import Tracker
@@ -37,7 +38,7 @@ from align.training_args import hf_training_kwargs
 log = logging.getLogger("align.rm")
 
 
-class PairwiseRewardTrainer(RewardTrainer):
+class PairwiseRewardTrainer(AlignTrainerMixin, RewardTrainer):
     """RewardTrainer with the reward read at the last real token, and exact held-out metrics."""
 
     def __init__(self, *args, use_margin: bool = False, **kwargs) -> None:
@@ -130,8 +131,9 @@ def run(config: AlignConfig) -> dict[str, float]:
         train_dataset=train,
         eval_dataset=held_out,
         processing_class=tokenizer,
-        callbacks=[TrackerCallback(tracker), FiniteLossCallback(), preempted],
+        callbacks=[TrackerCallback(tracker), preempted],
         use_margin=config.rm.margin,
+        nan_skip_limit=config.train.nan_skip_limit,
     )
     train_result = trainer.train(resume_from_checkpoint=rundir.resume_checkpoint(config, out))
     if preempted.stopped:
@@ -150,13 +152,14 @@ def run(config: AlignConfig) -> dict[str, float]:
         rm.merge_reward_adapter(final, final / "merged", tokenizer)
     # The final evaluation joins the curves; the run-average train/loss belongs in metrics.json only.
     tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=step)
-    tracker.finish(metrics)
-    if trainer.is_world_process_zero():
-        write_manifest(
-            config,
-            out,
-            data={"train": recipe_entry(config.data.recipe, data.fingerprint)},
-            parents=[parent_entry("init", model_cfg.name_or_path if model_cfg.init == "pretrained" else None)],
-            metrics=metrics,
-        )
+    manifest = build_manifest(
+        config,
+        out,
+        data={"train": recipe_entry(config.data.recipe, data.fingerprint)},
+        parents=[parent_entry("init", model_cfg.name_or_path if model_cfg.init == "pretrained" else None)],
+        metrics=metrics,
+    )
+    tracker.finish(metrics, manifest=manifest)
+    if tracker.is_main:
+        save_manifest(manifest, out)
     return metrics

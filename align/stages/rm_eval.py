@@ -3,7 +3,8 @@
 Every pair of the recipe (train and eval rows) is scored with the same code as the RM stage's
 held-out evaluation (`align.reward_model.score_pairs`), so the numbers are comparable: on the same
 pairs they are the same. Writes eval/accuracy, eval/margin, eval/reward_mean, eval/reward_std and
-eval/loss to output_dir/metrics.json, and a table of examples.
+eval/loss to output_dir/metrics.json, a table of examples, and a manifest.json naming the reward
+model and the data.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from align import reward_model as rm
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.errors import ConfigError, ModelError
+from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
 from align.tracking import Tracker
 
 log = logging.getLogger("align.rm_eval")
@@ -53,5 +55,13 @@ def run(config: AlignConfig) -> dict[str, float]:
     log.info("%s on %s: %s", path, config.data.recipe, metrics)
     tracker.log_table("eval/examples", rm.EXAMPLE_COLUMNS, rm.example_rows(pairs, chosen, rejected), step=0)
     tracker.log(metrics, step=0)
-    tracker.finish(metrics)
+    manifest = build_manifest(
+        config,
+        out,
+        data={"pairs": recipe_entry(config.data.recipe, data.fingerprint)},
+        parents=[parent_entry("reward_model", config.rm.path)],
+        metrics=metrics,
+    )
+    tracker.finish(metrics, manifest=manifest)
+    save_manifest(manifest, out)
     return metrics

@@ -14,8 +14,8 @@ from align import models, rundir
 from align.config import AlignConfig
 from align.data import load_recipe_data
 from align.errors import Preempted
-from align.hf_callbacks import FiniteLossCallback, TrackerCallback
-from align.lineage import parent_entry, recipe_entry, write_manifest
+from align.hf_callbacks import TrackerCallback
+from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
 from align.preemption import Preemption, PreemptionCallback
 from align.saving import save_final, save_random_base
 from align.sft_trainer import AlignSFTTrainer
@@ -74,7 +74,8 @@ def run(config: AlignConfig) -> dict[str, float]:
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[TrackerCallback(tracker), FiniteLossCallback(), preempted],
+        callbacks=[TrackerCallback(tracker), preempted],
+        nan_skip_limit=config.train.nan_skip_limit,
     )
     train_result = trainer.train(resume_from_checkpoint=rundir.resume_checkpoint(config, out))
     if preempted.stopped:
@@ -85,13 +86,14 @@ def run(config: AlignConfig) -> dict[str, float]:
     save_final(trainer, tokenizer, config, out)
     # The final evaluation joins the curves; the run-average train/loss belongs in metrics.json only.
     tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
-    tracker.finish(metrics)
-    if args.process_index == 0:
-        write_manifest(
-            config,
-            out,
-            data={"train": recipe_entry(config.data.recipe, data.fingerprint)},
-            parents=[parent_entry("base", config.model.name_or_path if config.model.init == "pretrained" else None)],
-            metrics=metrics,
-        )
+    manifest = build_manifest(
+        config,
+        out,
+        data={"train": recipe_entry(config.data.recipe, data.fingerprint)},
+        parents=[parent_entry("base", config.model.name_or_path if config.model.init == "pretrained" else None)],
+        metrics=metrics,
+    )
+    tracker.finish(metrics, manifest=manifest)
+    if tracker.is_main:
+        save_manifest(manifest, out)
     return metrics

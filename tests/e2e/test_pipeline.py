@@ -3,12 +3,16 @@
 import json
 import shutil
 
-from tests.conftest import read_log
+from align.reward_model import EXAMPLE_COLUMNS
+from tests.conftest import REPO, read_log, read_metrics
+from tests.wandb_files import artifacts, offline_run, run_info, summary, table_rows
 
 SHORT = [
     "train.max_steps=20",
     "train.save_steps=10",
-    "pipeline.ppo=['ppo.monitor_fn=align.tasks.sorting:gold_reward','train.max_steps=6','ppo.value_warmup_steps=2']",
+    "logger=wandb",  # offline (conftest sets WANDB_MODE): the W&B files are checked below
+    "pipeline.ppo=['ppo.monitor_fn=align.tasks.sorting:gold_reward','train.max_steps=6','ppo.value_warmup_steps=2',"
+    "'ppo.sample_every=3']",
 ]
 SUMMARY_ROWS = (
     "SFT eval loss",
@@ -50,6 +54,9 @@ def test_default_pipeline_runs_skips_and_reruns(run_align, tmp_path):
     assert ppo["data"]["prompts"]["recipe_sha256"]
     assert ppo["config"]["ppo"]["policy"] == str(out / "sft" / "final")
 
+    _check_wandb(out)
+    _check_rm_eval_in_wandb(run_align, out / "rm" / "final", tmp_path / "rm_eval")
+
     # The same command again: every stage is complete and skipped.
     manifests = {s: (out / s / "manifest.json").stat().st_mtime_ns for s in ("sft", "rm", "ppo")}
     second = run_align(*SHORT, f"output_dir={out}")
@@ -64,3 +71,72 @@ def test_default_pipeline_runs_skips_and_reruns(run_align, tmp_path):
     assert {s: (out / s / "manifest.json").stat().st_mtime_ns for s in ("sft", "rm")} == {
         s: manifests[s] for s in ("sft", "rm")
     }
+
+
+def _check_wandb(out):
+    """One W&B group for the pipeline, each run's job type its stage, manifests and sample tables logged."""
+    runs = {stage: offline_run(out / stage) for stage in ("sft", "rm", "ppo")}
+    runs["pipeline"] = offline_run(out)
+    infos = {stage: run_info(run) for stage, run in runs.items()}
+    assert {info.run_group for info in infos.values()} == {infos["pipeline"].run_group}
+    assert infos["pipeline"].run_group.startswith("pipe-")  # the folder's name and its path's hash
+    assert {stage: info.job_type for stage, info in infos.items()} == {stage: stage for stage in runs}
+    assert summary(runs["pipeline"])["rm/eval/accuracy"] == read_metrics(out)["rm/eval/accuracy"]
+
+    # Each stage's manifest reached W&B, equal to the manifest.json written after its run finished.
+    for stage in ("sft", "rm", "ppo"):
+        (logged,) = artifacts(runs[stage], "manifest")
+        assert json.loads(logged.metadata) == json.loads((out / stage / "manifest.json").read_text()), stage
+    (rm_manifest,) = artifacts(runs["rm"], "manifest")
+    sft_weights = {e.ref for e in rm_manifest.manifest.contents if e.path.startswith("parents/init/")}
+    assert (out / "sft" / "final" / "model.safetensors").resolve().as_uri() in sft_weights
+
+    # Sample tables hold the same rows as samples.jsonl: the RM's held-out examples, PPO's every 3 steps.
+    ((rm_step, rm_rows),) = table_rows(runs["rm"], "eval/examples")
+    assert rm_step == read_metrics(out / "rm")["train/steps"] and rm_rows and set(rm_rows[0]) == set(EXAMPLE_COLUMNS)
+    assert rm_rows == _samples(out / "rm", "eval/examples", rm_step)
+    ppo_tables = table_rows(runs["ppo"], "ppo/samples")
+    assert [step for step, _ in ppo_tables] == [3, 6]
+    for step, rows in ppo_tables:
+        assert rows == _samples(out / "ppo", "ppo/samples", step)
+        # A response may be empty (the tiny policy can end at once); the prompt and its reward are always there.
+        assert rows and all(row["prompt"] and isinstance(row["reward"], float) for row in rows)
+
+
+def _check_rm_eval_in_wandb(run_align, reward_model, out):
+    # 40 of the demo pairs: scoring all 1,500 would add most of a minute and check nothing more.
+    out.mkdir()
+    demo = (REPO / "data_recipes" / "demo" / "prefs.jsonl").read_text().splitlines(keepends=True)
+    (out / "pairs.jsonl").write_text("".join(demo[:40]))
+    recipe = out / "pairs.yaml"
+    recipe.write_text("kind: preference\nsources:\n  - path: pairs.jsonl\n    format: preference\n")
+    run_align(
+        "stage=rm_eval",
+        f"rm.path={reward_model}",
+        f"data.recipe={recipe}",
+        "logger=wandb",
+        f"output_dir={out}",
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    run = offline_run(out)
+    assert run_info(run).job_type == "rm_eval"
+    ((step, rows),) = table_rows(run, "eval/examples")
+    assert rows == _samples(out, "eval/examples", step)
+    assert len(rows) > 0 and {row["correct"] for row in rows} <= {True, False}
+    manifest = json.loads((out / "manifest.json").read_text())
+    (logged,) = artifacts(run, "manifest")
+    assert json.loads(logged.metadata) == manifest
+    assert manifest["parents"][0]["path"] == str(reward_model.resolve())
+    assert manifest["parents"][0]["manifest"]["stage"] == "rm"
+    assert manifest["metrics"]["eval/pairs"] == read_metrics(out)["eval/pairs"] == 40
+    assert manifest["data"]["pairs"]["recipe"] == str(recipe)
+
+
+def _samples(run_out, table, step):
+    """The rows of one table at one step as samples.jsonl has them."""
+    rows = [json.loads(line) for line in (run_out / "samples.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in row.items() if k not in ("table", "step")}
+        for row in rows
+        if row["table"] == table and row["step"] == step
+    ]
