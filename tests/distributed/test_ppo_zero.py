@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from tests.conftest import read_log
-from tests.distributed.test_stages_zero import N_RANKS, REPO, free_port, launch, ranks_env
+from tests.distributed.test_stages_zero import N_RANKS, REPO, launch, ranks_env, torchrun_command
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -92,18 +91,7 @@ def test_ppo_zero3_two_ranks_resumes_from_sharded_checkpoint(tmp_path, data_cach
 
     # Kill every rank (SIGKILL to the launcher's process group) once checkpoint-2 is complete.
     out = tmp_path / "resumed"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={N_RANKS}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "align",
-        *args,
-        f"output_dir={out}",
-    ]
+    command = [*torchrun_command("-m", "align"), *args, f"output_dir={out}"]
     proc = subprocess.Popen(
         command,
         cwd=REPO,

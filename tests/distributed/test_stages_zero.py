@@ -91,6 +91,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def torchrun_command(*entry: str, nproc: int = N_RANKS, launcher: Path | None = None) -> list[str]:
+    """`torchrun --nproc_per_node N ENTRY...` on this machine (or `launcher`, a torchrun wrapper)."""
+    start = [str(launcher)] if launcher else ["-m", "torch.distributed.run"]
+    return [
+        sys.executable,
+        *start,
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *entry,
+    ]
+
+
 def ranks_env(cache: Path) -> dict[str, str]:
     """The environment of a multi-rank launch: DeepSpeed's CPU accelerator, one thread per rank."""
     env = {
@@ -126,18 +139,8 @@ def launch(
     if preempt_at:
         env["ALIGN_PROBE_PREEMPT_AT"] = str(preempt_at)
     entry = [str(PROBE)] if probe else ["-m", "align"]
-    if nproc == 1:  # one process, started the way a user would: plain python
-        command = [sys.executable, *entry]
-    else:
-        start = [str(launcher)] if launcher else ["-m", "torch.distributed.run"]
-        command = [
-            sys.executable,
-            *start,
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            *entry,
-        ]
+    # One process is started the way a user would: plain python.
+    command = [sys.executable, *entry] if nproc == 1 else torchrun_command(*entry, nproc=nproc, launcher=launcher)
     command += [*overrides, f"output_dir={out}"]
     began = time.monotonic()
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
