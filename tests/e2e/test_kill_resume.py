@@ -41,8 +41,9 @@ STAGES = {
         "ppo.reward_fn=align.tasks.sorting:gold_reward",
         "ppo.value_warmup_steps=2",
         "ppo.prompts_per_step=4",
-        "ppo.epochs=1",
-        "ppo.mini_batches=1",
+        # Two shuffled passes in two mini-batches: the resumed run must draw the same shuffles.
+        "ppo.epochs=2",
+        "ppo.mini_batches=2",
         "train.batch_size=4",
     ],
 }

@@ -1,12 +1,10 @@
-"""`python -m align stage=ppo` on the tiny model: learning, logging, exact resume."""
+"""`python -m align stage=ppo` on the tiny model: learning, logging, the non-finite guard (kill-and-resume:
+test_kill_resume.py)."""
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -90,46 +88,6 @@ def test_ppo_raises_the_reward_and_logs_everything(run_align, sft_policy, tmp_pa
     assert (out / "final" / "model.safetensors").is_file()
     assert (out / "final" / "value" / "model.safetensors").is_file()
     assert (out / "final" / "tokenizer.json").is_file()
-
-
-def test_killed_run_resumes_exactly(run_align, sft_policy, tmp_path, data_cache):
-    common = [
-        "stage=ppo",
-        f"ppo.policy={sft_policy}",
-        GOLD,
-        "train.max_steps=8",
-        "train.save_steps=4",
-        "ppo.value_warmup_steps=2",
-        "ppo.prompts_per_step=8",
-        "ppo.epochs=2",
-        "ppo.mini_batches=2",
-        "train.batch_size=4",
-    ]
-    whole = tmp_path / "whole"
-    run_align(*common, f"output_dir={whole}")
-
-    resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "align", *common, f"output_dir={resumed}"],
-        cwd=REPO,
-        env=align_env(data_cache),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    state = resumed / "checkpoints" / "checkpoint-4" / "trainer_state.json"
-    deadline = time.time() + 600
-    while not state.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert state.is_file()
-    run_align(*common, f"output_dir={resumed}", "resume=auto")
-
-    expected = {r["step"]: r for r in read_log(whole)}
-    got = {r["step"]: r for r in read_log(resumed)}  # the last line for each step wins
-    for step in range(5, 9):
-        for key in ("ppo/reward_raw", "ppo/kl", "ppo/policy_loss", "ppo/value_loss"):
-            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
 def test_ppo_needs_a_reward(run_align, sft_policy):
