@@ -1,4 +1,5 @@
-"""PPO on 2 CPU ranks (gloo) under DeepSpeed ZeRO-2 and ZeRO-3, through `torchrun -m align`.
+"""PPO on 2 CPU ranks (gloo) under DeepSpeed ZeRO-2 and ZeRO-3, through `accelerate launch -m align`
+and `torchrun -m align`.
 
 Two trained engines (policy, value), the reference and a rule-based reward on the tiny model. ZeRO-2
 runs the rollout as one micro-batch (the scoring forward's graph reused by the update); ZeRO-3 takes
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from tests.conftest import read_log
-from tests.distributed.test_stages_zero import N_RANKS, REPO, launch, ranks_env, torchrun_command
+from tests.distributed.test_stages_zero import ACCELERATE, N_RANKS, REPO, launch, ranks_env, torchrun_command
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -66,7 +67,13 @@ def check_steps(out: Path) -> dict[int, dict]:
 
 
 def test_ppo_zero2_two_ranks(tmp_path, data_cache) -> None:
-    run = launch(tmp_path / "zero2", data_cache, *TINY_PPO, *ONE_MICRO_BATCH, "deepspeed=zero2", probe=None)
+    # Started with `accelerate launch`, the other launcher users have (the rest use torchrun).
+    run = launch(
+        tmp_path / "zero2", data_cache, *TINY_PPO, *ONE_MICRO_BATCH, "deepspeed=zero2", probe=None, launcher=ACCELERATE
+    )
+    assert {p.name for p in (run.out / "checkpoints" / "checkpoint-2").glob("rng_rank*.pt")} == {
+        f"rng_rank{r}.pt" for r in range(N_RANKS)
+    }
     rows = check_steps(run.out)
     # One micro-batch, one epoch: the update reuses the scoring forward, so the ratio is exactly 1.
     assert all(rows[s]["ppo/ratio"] == 1.0 for s in range(2, STEPS + 1))

@@ -91,8 +91,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def torchrun_command(*entry: str, nproc: int = N_RANKS, launcher: Path | None = None) -> list[str]:
-    """`torchrun --nproc_per_node N ENTRY...` on this machine (or `launcher`, a torchrun wrapper)."""
+ACCELERATE = "accelerate"
+"""`launcher=ACCELERATE`: `accelerate launch --multi_gpu` (its multi-process mode, CPU ranks included)."""
+
+
+def torchrun_command(*entry: str, nproc: int = N_RANKS, launcher: Path | str | None = None) -> list[str]:
+    """`torchrun --nproc_per_node N ENTRY...` on this machine (or `launcher`, a torchrun wrapper, or
+    accelerate's launcher)."""
+    if launcher == ACCELERATE:
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            f"--num_processes={nproc}",
+            "--num_machines=1",
+            "--mixed_precision=no",
+            "--dynamo_backend=no",
+            f"--main_process_port={free_port()}",
+            *entry,
+        ]
     start = [str(launcher)] if launcher else ["-m", "torch.distributed.run"]
     return [
         sys.executable,
@@ -129,7 +147,7 @@ def launch(
     nproc: int = N_RANKS,
     probe: str | None = "probe",
     preempt_at: int = 0,
-    launcher: Path | None = None,
+    launcher: Path | str | None = None,
     expect_rc: int = 0,
 ) -> Run:
     """`python -m align` (or align_probe.py when `probe` names its output folder) on `nproc` ranks."""
