@@ -48,6 +48,7 @@ STAGES = {
     ],
 }
 TIMEOUT = 600
+_TIMINGS = ("runtime", "per_second")  # the Trainer's eval/runtime, eval/samples_per_second, ...
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 
 
@@ -145,6 +146,21 @@ def _kill_mid_checkpoint(proc: subprocess.Popen, out: Path, after_checkpoint: in
     raise AssertionError(f"the run ended (exit {proc.returncode}) before a checkpoint write was caught")
 
 
+def _step_metrics(out: Path) -> dict[int, dict[str, float]]:
+    """Per step, the training numbers of its last log line (wall-clock timings left out)."""
+    rows: dict[int, dict[str, float]] = {}
+    for line in (out / "log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        numbers = {
+            k: v
+            for k, v in row.items()
+            if isinstance(v, float) and not k.startswith(("time/", "perf/", "train/epoch")) and not k.endswith(_TIMINGS)
+        }
+        if numbers and "step" in row:
+            rows[row["step"]] = numbers
+    return rows
+
+
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     weights = {}
     for path in sorted((out / "final").rglob("*.safetensors")):
@@ -182,6 +198,12 @@ def test_killed_anywhere_resumes_to_the_same_weights(stage, tmp_path, data_cache
     printed = _finish([*overrides, "resume=auto"], out, data_cache)
     assert f"skipping incomplete checkpoint {newest}" in printed, printed[-4000:]
     assert f"resuming from {previous}" in printed, printed[-4000:]
+
+    # Every step's logged numbers too (the last line of a step is the run that finished it).
+    whole_log, resumed_log = _step_metrics(whole), _step_metrics(out)
+    assert resumed_log.keys() == whole_log.keys() == set(range(1, STEPS + 1))
+    for step, metrics in whole_log.items():
+        assert resumed_log[step] == pytest.approx(metrics, rel=1e-6, abs=1e-9), step
 
     expected, got = _final_weights(whole), _final_weights(out)
     assert expected.keys() == got.keys()
