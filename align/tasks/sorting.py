@@ -1,10 +1,18 @@
-"""A toy task with a programmatic gold score: sort a few integers in increasing order.
+"""A toy task with a programmatic gold score: sort a few digits in increasing order.
 
 It is the demo the default job trains on: small enough to learn on a CPU, and scored exactly,
 so each stage's effect (SFT, reward model, PPO) is measured against the truth instead of a
 learned proxy. `python -m align.tasks.sorting` regenerates the demo files in data_recipes/demo/.
 
-Prompt: ``Sort: 42 7 19`` (3 to 6 integers in 0..99, several phrasings). Answer: ``7 19 42``.
+Prompt: ``Sort: 4 7 1`` (3 to 6 integers in 0..9, several phrasings). Answer: ``1 4 7``, the
+numbers only; prose around them ("Sure! 1, 4, 7") makes the answer unparsable and scores 0.
+
+The demonstrations are of mixed quality, as from many annotators: 30% are chatty (the right
+kind of answer wrapped in prose) and 20% hold a mistake a small model makes (a swap, a dropped,
+repeated or changed number, the input echoed). SFT imitates them, habits included, so the SFT
+policy is partly competent. The preference pairs are two responses of writers of random quality
+and chattiness, ranked by the gold score with 10% of the labels flipped; the reward model learns
+them, and PPO on that learned reward alone moves the policy towards answers the gold score likes.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from itertools import pairwise
 from pathlib import Path
 
 MIN_NUMBERS, MAX_NUMBERS = 3, 6
-MAX_VALUE = 99
+MAX_VALUE = 9
 PHRASINGS = (
     "Sort: {}",
     "Sort these numbers: {}",
@@ -29,10 +37,13 @@ SYSTEM_PROMPTS = (
     "You sort numbers. Reply with the numbers only, separated by spaces.",
 )
 FOLLOW_UP = "And these: {}"
+MISTAKES = ("swap", "swap", "drop", "repeat", "echo", "change")
+CHATTY = ("The sorted list is {}.", "Sure! {}", "I think: {}", "Here you go: {}")
 
-# Sizes of the demo files; prefs are pairs from a noisy policy with this share of flipped labels.
-NUM_SFT, NUM_PREFS, NUM_PROMPTS, NUM_EVAL_PROMPTS = 600, 1500, 500, 100
-SYSTEM_SHARE, TWO_TURN_SHARE, SFT_ERROR_SHARE, LABEL_NOISE = 0.2, 0.1, 0.03, 0.1
+# Sizes of the demo files; prefs are pairs from noisy writers, with LABEL_NOISE of the labels flipped.
+NUM_SFT, NUM_PREFS, NUM_PROMPTS, NUM_EVAL_PROMPTS = 600, 1500, 500, 200
+SYSTEM_SHARE, TWO_TURN_SHARE, LABEL_NOISE = 0.2, 0.1, 0.1
+SFT_CHATTY_SHARE, SFT_ERROR_SHARE = 0.3, 0.2
 DEMO_DIR = Path(__file__).resolve().parent.parent.parent / "data_recipes" / "demo"
 
 _CHATML_USER = "<|im_start|>user\n"
@@ -84,33 +95,29 @@ def _prompt(rng: random.Random, numbers: list[int], template: str | None = None)
     return (template or rng.choice(PHRASINGS)).format(" ".join(map(str, numbers)))
 
 
-def _answer(numbers: list[int]) -> str:
-    return " ".join(map(str, sorted(numbers)))
-
-
-def noisy_response(rng: random.Random, numbers: list[int], quality: float) -> str:
-    """A response from a policy that is right with probability ``quality`` and otherwise errs.
+def noisy_response(rng: random.Random, numbers: list[int], quality: float, chatty: float = 0.0) -> str:
+    """A response from a writer that is right with probability ``quality`` and chatty with ``chatty``.
 
     Its mistakes are the kinds a small model makes: swapped neighbours, a dropped or repeated
-    number, the input echoed unsorted, or prose the gold score cannot parse.
+    number, a changed number, the input echoed unsorted. A chatty reply wraps the list in prose
+    ("Sure! 1, 3, 7"), which breaks the numbers-only format: the gold score cannot parse it.
     """
     answer = sorted(numbers)
-    if rng.random() < quality:
-        return _answer(answer)
-    mistake = rng.choice(("swap", "swap", "drop", "repeat", "echo", "change", "prose"))
-    if mistake == "swap":
-        i = rng.randrange(len(answer) - 1)
-        answer[i], answer[i + 1] = answer[i + 1], answer[i]
-    elif mistake == "drop":
-        answer.pop(rng.randrange(len(answer)))
-    elif mistake == "repeat":
-        answer.insert(rng.randrange(len(answer)), rng.choice(answer))
-    elif mistake == "echo":
-        answer = list(numbers)
-    elif mistake == "change":
-        answer[rng.randrange(len(answer))] = rng.randint(0, MAX_VALUE)
-    else:
-        return rng.choice(("The sorted list is {}.", "Sure! {}", "I think: {}")).format(", ".join(map(str, answer)))
+    if rng.random() >= quality:
+        mistake = rng.choice(MISTAKES)
+        if mistake == "swap":
+            i = rng.randrange(len(answer) - 1)
+            answer[i], answer[i + 1] = answer[i + 1], answer[i]
+        elif mistake == "drop":
+            answer.pop(rng.randrange(len(answer)))
+        elif mistake == "repeat":
+            answer.insert(rng.randrange(len(answer)), rng.choice(answer))
+        elif mistake == "echo":
+            answer = list(numbers)
+        else:  # change
+            answer[rng.randrange(len(answer))] = rng.randint(0, MAX_VALUE)
+    if rng.random() < chatty:
+        return rng.choice(CHATTY).format(", ".join(map(str, answer)))
     return " ".join(map(str, answer))
 
 
@@ -122,8 +129,8 @@ def _sft_row(rng: random.Random, seen: set[tuple[int, ...]]) -> dict:
     for turn in range(turns):
         numbers = _unseen_numbers(rng, seen)
         template = FOLLOW_UP if turn else None
-        # A few imperfect demonstrations, as in any human-written set.
-        answer = noisy_response(rng, numbers, 0.0) if rng.random() < SFT_ERROR_SHARE else _answer(numbers)
+        # Demonstrations of mixed quality: some chatty, some wrong, as from many annotators.
+        answer = noisy_response(rng, numbers, 1.0 - SFT_ERROR_SHARE, SFT_CHATTY_SHARE)
         messages += [
             {"role": "user", "content": _prompt(rng, numbers, template)},
             {"role": "assistant", "content": answer},
@@ -135,8 +142,7 @@ def _pref_row(rng: random.Random, seen: set[tuple[int, ...]]) -> dict:
     numbers = _unseen_numbers(rng, seen)
     prompt = _prompt(rng, numbers)
     while True:  # two responses of different gold score, so the better one is well defined
-        a = noisy_response(rng, numbers, rng.uniform(0.1, 0.9))
-        b = noisy_response(rng, numbers, rng.uniform(0.1, 0.9))
+        a, b = (noisy_response(rng, numbers, rng.uniform(0.1, 0.9), rng.uniform(0.0, 0.6)) for _ in range(2))
         if gold_score(prompt, a) != gold_score(prompt, b):
             break
     chosen, rejected = (a, b) if gold_score(prompt, a) > gold_score(prompt, b) else (b, a)
