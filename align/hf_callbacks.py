@@ -3,7 +3,6 @@ non-finite guard."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -11,9 +10,8 @@ from transformers import TrainerCallback
 
 from align.distributed import any_rank
 from align.errors import TrainingError
+from align.nonfinite import KEPT, NonFiniteBudget
 from align.tracking import Tracker
-
-log = logging.getLogger("align")
 
 _RENAME = {"learning_rate": "lr"}
 _SKIP = {"epoch", "total_flos"}
@@ -53,7 +51,7 @@ class NonFiniteGuard(TrainerCallback):
 
     def __init__(self, skip_limit: int = 0) -> None:
         self.skip_limit = skip_limit
-        self.skipped = 0
+        self.budget = NonFiniteBudget(skip_limit, unit="steps")
         self._losses_finite: torch.Tensor | None = None
 
     def record_loss(self, loss: torch.Tensor) -> None:
@@ -70,23 +68,8 @@ class NonFiniteGuard(TrainerCallback):
         bad_loss, bad_grad = any_rank([bad_loss, bad_grad])
         if not (bad_loss or bad_grad):
             return
-        step = state.global_step + 1
         what = "train/loss" if bad_loss else "gradient"
-        if self.skip_limit == 0:
-            raise TrainingError(f"non-finite {what} at step {step}; the last good checkpoint is kept in checkpoints/")
-        self.skipped += 1
-        if self.skipped > self.skip_limit:
-            raise TrainingError(
-                f"non-finite {what} at step {step}, {self.skipped} steps skipped: more than "
-                f"train.nan_skip_limit={self.skip_limit}; the last good checkpoint is kept in checkpoints/"
-            )
-        log.warning(
-            "non-finite %s at step %d: update skipped (%d of train.nan_skip_limit=%d)",
-            what,
-            step,
-            self.skipped,
-            self.skip_limit,
-        )
+        self.budget.dropped(what, state.global_step + 1)
         model.zero_grad(set_to_none=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -97,7 +80,4 @@ class NonFiniteGuard(TrainerCallback):
         for key in keys:
             value = (logs or {}).get(key)
             if value is not None and not math.isfinite(float(value)):
-                raise TrainingError(
-                    f"non-finite {metric_name(key)} ({value}) at step {state.global_step}; "
-                    "the last good checkpoint is kept in checkpoints/"
-                )
+                raise TrainingError(f"non-finite {metric_name(key)} ({value}) at step {state.global_step}; {KEPT}")

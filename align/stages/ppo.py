@@ -33,6 +33,7 @@ from align.data import load_recipe_data
 from align.distributed import build_deepspeed_config, world_info
 from align.errors import CheckpointError, ConfigError, Preempted, TrainingError
 from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
+from align.nonfinite import KEPT, NonFiniteBudget
 from align.plugins import import_reward_fn
 from align.ppo import checkpoint
 from align.ppo.advantages import gae, whiten_advantages
@@ -118,7 +119,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         start_step = restore(resume_from, accelerator, state)
         log.info("resumed from %s at step %d", resume_from, start_step)
 
-    nonfinite = NonFiniteUpdates(config.train.nan_skip_limit)
+    nonfinite = NonFiniteBudget(config.train.nan_skip_limit, unit="updates")
     preemption = Preemption().install()
     history: list[dict[str, float]] = []
     bar = tqdm(
@@ -516,35 +517,7 @@ def check_finite(metrics: dict[str, float], step: int) -> None:
     are guarded in `update`, before any update is applied)."""
     bad = [k for k in ("ppo/reward_raw", "ppo/kl") if k in metrics and not math.isfinite(metrics[k])]
     if bad:
-        raise TrainingError(
-            f"non-finite {', '.join(bad)} at step {step}; the last good checkpoint is kept in checkpoints/"
-        )
-
-
-class NonFiniteUpdates:
-    """Stop at a non-finite loss or gradient (`train.nan_skip_limit=0`), or drop up to that many
-    mini-batch updates (a warning each) and stop at the next. No checkpoint is written after it,
-    so the newest one on disk is the last good one."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.skipped = limit, 0
-
-    def dropped(self, what: str, step: int) -> None:
-        if self.limit == 0:
-            raise TrainingError(f"non-finite {what} at step {step}; the last good checkpoint is kept in checkpoints/")
-        self.skipped += 1
-        if self.skipped > self.limit:
-            raise TrainingError(
-                f"non-finite {what} at step {step}, {self.skipped} updates skipped: more than "
-                f"train.nan_skip_limit={self.limit}; the last good checkpoint is kept in checkpoints/"
-            )
-        log.warning(
-            "non-finite %s at step %d: update skipped (%d of train.nan_skip_limit=%d)",
-            what,
-            step,
-            self.skipped,
-            self.limit,
-        )
+        raise TrainingError(f"non-finite {', '.join(bad)} at step {step}; {KEPT}")
 
 
 def summarize(history: list[dict[str, float]]) -> dict[str, float]:
