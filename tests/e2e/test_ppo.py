@@ -6,48 +6,23 @@ import math
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, align_env, read_log, read_metrics
 
-GOLD = "ppo.reward_fn=align.tasks.sorting:gold_reward"
 BREVITY = "ppo.reward_fn=tests.rewards:brevity"
-
-
-@pytest.fixture(scope="module")
-def sft_policy(tmp_path_factory, data_cache):
-    """A briefly supervised tiny policy: partly competent, so rewards can rise."""
-    out = tmp_path_factory.mktemp("sft") / "run"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "align",
-            "stage=sft",
-            "train.max_steps=150",
-            "train.eval_steps=0",
-            f"output_dir={out}",
-        ],
-        cwd=REPO,
-        env=align_env(data_cache),
-        check=True,
-        capture_output=True,
-        timeout=900,
-    )
-    return out / "final"
 
 
 def _mean(rows, key):
     return sum(r[key] for r in rows) / len(rows)
 
 
-def test_ppo_raises_the_reward_and_logs_everything(run_align, sft_policy, tmp_path):
+def test_ppo_raises_the_reward_and_logs_everything(run_align, tmp_path):
+    # From the random tiny model: the brevity reward is learnable without SFT (0.05 -> 0.6 measured).
     out = tmp_path / "ppo"
     run_align(
         "stage=ppo",
-        f"ppo.policy={sft_policy}",
         BREVITY,
         "ppo.monitor_fn=align.tasks.sorting:gold_reward",
         "train.max_steps=20",
@@ -58,7 +33,7 @@ def test_ppo_raises_the_reward_and_logs_everything(run_align, sft_policy, tmp_pa
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 21))
     start, end = _mean(log[:5], "ppo/reward_raw"), _mean(log[-5:], "ppo/reward_raw")
-    assert end > start + 0.15, (start, end)
+    assert end > start + 0.25, (start, end)
     assert "ppo/gold" in log[-1]
     kls = [r["ppo/kl"] for r in log]
     assert all(abs(k) < 1e-6 for k in kls[:5]), "during critic warm-up the policy equals the reference"
@@ -90,8 +65,8 @@ def test_ppo_raises_the_reward_and_logs_everything(run_align, sft_policy, tmp_pa
     assert (out / "final" / "tokenizer.json").is_file()
 
 
-def test_ppo_needs_a_reward(run_align, sft_policy):
-    proc = run_align("stage=ppo", f"ppo.policy={sft_policy}", check=False)
+def test_ppo_needs_a_reward(run_align):
+    proc = run_align("stage=ppo", check=False)
     assert proc.returncode == 2
     assert "needs ppo.reward_model=<rm dir> or ppo.reward_fn=module:function" in proc.stderr
 
