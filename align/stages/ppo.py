@@ -1,6 +1,7 @@
-"""PPO RLHF (Qwen report, section 3.2.2), our own loop on accelerate.
+"""PPO RLHF (Qwen report, section 3.2.2), our own loop on accelerate and DeepSpeed.
 
-The recipe: load the four roles (policy, reference, reward, value), then each step
+The recipe: load the four roles (policy, reference, reward, value; placed on one process, data
+parallel or DeepSpeed ZeRO-2/3 by align/ppo/placement.py), then each step
   1. sample `responses_per_prompt` responses to a batch of prompts (top-p, stop at EOS);
   2. score them (reward model at the last real token and/or a reward function), normalise;
   3. per-token KL penalty against the reference, GAE advantages, whitened;
