@@ -4,9 +4,10 @@ Same arguments as torchrun. Plain torchrun
 - dies of SIGUSR1 (its default action), orphaning workers that are writing a checkpoint;
   here SIGUSR1 is forwarded to the workers, which torchrun starts in their own sessions,
   so a signal to torchrun's process group does not reach them;
-- exits 1 whatever its workers exited with; here, when every failed worker exited
+- exits 1 whatever its workers exited with; here, when the workers exited
   ALIGN_EXIT_REQUEUE (75: "checkpoint written, run me again"), so does this process, and
-  the batch script requeues the job.
+  the batch script requeues the job. Workers torchrun stopped with SIGTERM because a peer
+  had already left with 75 count as leaving with 75.
 
 The trainers must leave together (a barrier after the checkpoint): when one worker exits,
 torchrun stops the others of its node with SIGTERM.
@@ -53,7 +54,9 @@ if __name__ == "__main__":
         main()
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
-        if codes == {EXIT_REQUEUE}:
+        # A worker exits 75 only after the barrier that follows the checkpoint, and torchrun then
+        # stops the workers still leaving with SIGTERM: those are requeue exits too.
+        if EXIT_REQUEUE in codes and codes <= {EXIT_REQUEUE, -signal.SIGTERM}:
             print(f"torchrun_requeue: workers exited {EXIT_REQUEUE}: requeue", file=sys.stderr, flush=True)
             sys.exit(EXIT_REQUEUE)
         raise

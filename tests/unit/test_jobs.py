@@ -305,12 +305,17 @@ def test_offline_wandb_needs_no_key(sandbox):
 # --- the requeue-aware torchrun, for real (CPU, two workers) -------------------------------
 
 WORKER = """
-import os, sys
-sys.exit(3 if os.environ["MODE"] == "fail" and os.environ["RANK"] == "1" else 75)
+import os, sys, time
+mode, rank = os.environ["MODE"], os.environ["RANK"]
+if mode == "fail" and rank == "1":
+    sys.exit(3)
+if mode == "straggler" and rank == "0":
+    time.sleep(30)  # still leaving when rank 1 has left: torchrun stops it with SIGTERM
+sys.exit(75)
 """
 
 
-@pytest.mark.parametrize(("mode", "code"), [("requeue", 75), ("fail", 1)])
+@pytest.mark.parametrize(("mode", "code"), [("requeue", 75), ("straggler", 75), ("fail", 1)])
 def test_torchrun_requeue_passes_75_through(tmp_path, mode, code):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
