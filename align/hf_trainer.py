@@ -19,6 +19,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from align.hf_callbacks import NonFiniteGuard
+from align.rundir import publish_checkpoint
 
 STAGING_DIR = ".staging"
 
@@ -56,10 +57,7 @@ class AlignTrainerMixin:
             self._staging = None
         self.accelerator.wait_for_everyone()  # every rank's files (DeepSpeed shards, RNG states) are written
         if self.args.should_save:
-            target = checkpoints / name
-            if target.exists():  # a broken save of this step, or one from before a resume=never restart
-                target.replace(staging / f"replaced-{name}")
-            (staging / name).replace(target)
+            publish_checkpoint(staging / name, checkpoints / name)
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(
                 output_dir=str(checkpoints),

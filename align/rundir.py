@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
             else:
                 log.warning("skipping incomplete checkpoint %s (a save was interrupted)", path)
     return [path for _, path in sorted(found)]
+
+
+def publish_checkpoint(staged: Path, target: Path) -> None:
+    """Move a whole checkpoint folder to its name in one rename (the main process, once every rank
+    has written). A folder already there is a broken save that resume=auto skipped, or one from
+    before a resume=never restart: it is set aside first and removed after."""
+    old = target.with_name(f".replaced-{target.name}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.replace(old)
+    staged.replace(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_complete(path: Path) -> bool:

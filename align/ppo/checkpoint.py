@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from align.rundir import publish_checkpoint
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -68,12 +70,7 @@ def save(
     barrier()
     if is_main:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
-        old = checkpoints_dir / f".old-checkpoint-{step}"
-        if final.exists():  # a broken save that resume=auto skipped, or one from before a resume=never restart
-            shutil.rmtree(old, ignore_errors=True)
-            final.replace(old)
-        tmp.replace(final)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_checkpoint(tmp, final)
         _rotate(checkpoints_dir, save_total_limit)
     barrier()
     return final

@@ -6,7 +6,7 @@ import logging
 import torch
 from safetensors.torch import save_file
 
-from align.rundir import complete_checkpoints
+from align.rundir import complete_checkpoints, publish_checkpoint
 
 
 def _checkpoint(root, step, *, state="{}", weights=True):
@@ -39,3 +39,15 @@ def test_newest_complete_checkpoint_wins_and_broken_ones_are_skipped(tmp_path, c
         found = complete_checkpoints(tmp_path)
     assert found == [older, good]
     assert sum("skipping incomplete checkpoint" in r.message for r in caplog.records) == 5
+
+
+def test_publish_checkpoint_replaces_a_broken_one_of_the_same_step(tmp_path):
+    broken, staged = tmp_path / "checkpoint-4", tmp_path / ".staging" / "checkpoint-4"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"cut")
+    staged.mkdir(parents=True)
+    (staged / "trainer_state.json").write_text("{}")
+    publish_checkpoint(staged, broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".staging", "checkpoint-4"]
+    assert sorted(p.name for p in broken.iterdir()) == ["trainer_state.json"]
+    assert not staged.exists()
