@@ -194,6 +194,9 @@ class PPOConfig:
     """SFT recipe the PTX loss reads."""
     sample_every: int = 10
     """Log a table of prompts, responses and rewards every N steps."""
+    packing: bool = True
+    """Score and train on packed rows (no padding computed) when every model's attention allows it
+    (SDPA, full attention); otherwise, or when false, on padded rows."""
 
 
 @dataclass

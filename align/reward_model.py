@@ -30,8 +30,7 @@ from align import models
 from align.chat import encode, render
 from align.config import ModelConfig, PeftConfig
 from align.errors import ModelError
-from align.ppo.forward import position_ids
-from align.ppo.rewards import gather_at, last_token_index
+from align.rows import PaddedRows, Rows
 
 log = logging.getLogger("align.rm")
 
@@ -160,20 +159,21 @@ def rewards_at_last_token(model: torch.nn.Module, input_ids: Tensor, attention_m
 
     Works for left, right or both-sided padding and whatever the pad id is (it may equal EOS).
     Position ids count real tokens only, so a left-padded row sees the same positions as the
-    unpadded one. The forward goes through ``model`` itself (DDP, DeepSpeed and PEFT wrappers see
-    it); the score head is applied to the final hidden states and read at ``last_token_index``.
+    unpadded one.
     """
-    outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        output_hidden_states=True,
-        use_cache=False,
-    )
-    hidden = outputs.hidden_states[-1]  # [B, T, H], after the final norm
+    return row_rewards(model, PaddedRows(input_ids, attention_mask))
+
+
+def row_rewards(model: torch.nn.Module, rows: Rows) -> Tensor:
+    """``[B]`` rewards at each row's last real token, for padded or packed rows (align/rows.py).
+
+    The forward goes through ``model`` itself (DDP, DeepSpeed and PEFT wrappers see it); the score
+    head is applied to the final hidden state at each row's last token only.
+    """
+    outputs = model(**rows.model_inputs(), output_hidden_states=True, use_cache=False)
+    hidden = rows.at_last_token(outputs.hidden_states[-1])  # [B, H], after the final norm
     head = getattr(_unwrap(model), SCORE_HEAD)
-    values = head(hidden.to(head.weight.dtype if hasattr(head, "weight") else hidden.dtype)).squeeze(-1)
-    return gather_at(values, last_token_index(attention_mask)).float()  # [B]
+    return head(hidden.to(head.weight.dtype if hasattr(head, "weight") else hidden.dtype)).squeeze(-1).float()
 
 
 def trim_to_end_of_turn(input_ids: Sequence[int], eos_token_id: int) -> list[int]:

@@ -19,6 +19,7 @@ from align.models import load_causal_lm, load_tokenizer
 from align.plugins import import_reward_fn
 from align.ppo.forward import response_logprobs
 from align.ppo.rollout import sample
+from align.rows import PaddedRows
 
 log = logging.getLogger("align.summary")
 
@@ -98,9 +99,9 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path]) -> dict[str
     if "sft" in rollouts:
         (ppo_model, rollout), (sft_model, _) = rollouts["ppo"], rollouts["sft"]
         with torch.no_grad():
-            args = (rollout.input_ids, rollout.attention_mask, rollout.prompt_len, config.ppo.temperature)
-            logp = response_logprobs(ppo_model, *args)[0]
-            ref = response_logprobs(sft_model, *args)[0]
+            rows = PaddedRows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            logp = response_logprobs(ppo_model, rows, config.ppo.temperature)[0]
+            ref = response_logprobs(sft_model, rows, config.ppo.temperature)[0]
         # Per-sequence k1 KL on the PPO policy's own samples, as during training.
         result["kl"] = ((logp - ref) * rollout.response_mask).sum(-1).mean().item()
     return result

@@ -132,6 +132,7 @@ def cpu_seconds(pid: int) -> float:
 def run_stamped(cmd: list[str], lines_file: Path, log_file: Path, env: dict[str, str]) -> list[dict]:
     """Run `cmd`, stamping each JSON line it appends to `lines_file` with wall and CPU time."""
     rows: list[dict] = []
+    lines_file.unlink(missing_ok=True)  # a kept --workdir holds the last run's lines
     with log_file.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         buffer, offset = "", 0

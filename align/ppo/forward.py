@@ -2,7 +2,7 @@
 
 Rollout and update must compute the same numbers for the same tokens (ppo_details: a mismatch
 shows up as a first-epoch ratio away from 1 or a negative KL), so both go through these
-functions, with the same position ids and the same temperature as sampling.
+functions, with the same row layout (align/rows.py), position ids and temperature as sampling.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from align.ppo.losses import logprobs_from_logits, token_entropy
+from align.rows import Rows
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -34,37 +35,18 @@ def disable_dropout(model: nn.Module) -> None:
 _DROPOUT_ATTRS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
-def position_ids(attention_mask: Tensor) -> Tensor:
-    # Left-padded rows start counting at their first real token, as `generate` does.
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def response_logprobs(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    prompt_len: int,
-    temperature: float,
-    *,
-    with_entropy: bool = False,
+    model: nn.Module, rows: Rows, temperature: float, *, with_entropy: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """Log-probs ``[B, R]`` of the response tokens ``input_ids[:, prompt_len:]`` (and entropies)."""
-    response_len = input_ids.shape[1] - prompt_len
-    # Logits only where a response token is predicted: the last prompt position onwards.
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        logits_to_keep=response_len + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1]
-    logp = logprobs_from_logits(logits, input_ids[:, prompt_len:], temperature)
+    """Log-probs ``[N, R]`` of the response tokens (and their entropies), padded or packed rows."""
+    out = model(**rows.model_inputs(), logits_to_keep=rows.logits_to_keep, use_cache=False)
+    logits = rows.response_logits(out.logits)
+    logp = logprobs_from_logits(logits, rows.response_tokens, temperature)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            entropy = token_entropy(logits.detach(), temperature)
-    return logp, entropy
+            entropy = rows.to_rows(token_entropy(logits.detach(), temperature))
+    return rows.to_rows(logp), entropy
 
 
 class ValueModel(nn.Module):
@@ -86,17 +68,14 @@ class ValueModel(nn.Module):
         """Saved as the sequence-classification model it wraps, which loads on its own."""
         self.model.save_pretrained(folder, **kwargs)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
-        inner = self.model
-        if hasattr(inner, "get_base_model"):  # a PEFT wrapper: its layers are already patched in place
-            inner = inner.get_base_model()
+    @property
+    def hf_model(self) -> nn.Module:
+        """The sequence-classification model (inside a PEFT wrapper, whose layers are patched in place)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def forward(self, rows: Rows) -> Tensor:
+        """``[N, R]`` values of the states before each response token."""
+        inner = self.hf_model
         backbone = getattr(inner, inner.base_model_prefix)
-        hidden = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
-        # The value of the state before each response token: hidden states one position earlier.
-        hidden = hidden[:, prompt_len - 1 : -1]
-        return inner.score(hidden).squeeze(-1).float()
+        hidden = backbone(**rows.model_inputs(), use_cache=False).last_hidden_state
+        return rows.to_rows(inner.score(rows.before_response(hidden)).squeeze(-1).float())

@@ -47,6 +47,8 @@ from align.ppo.placement import Placement, TrainedModel
 from align.ppo.rewards import penalize_missing_eos, per_token_rewards
 from align.ppo.rollout import Rollout, sample
 from align.preemption import Preemption
+from align.reward_model import row_rewards
+from align.rows import Rows, can_pack, enable_packing, make_rows
 from align.tracking import Tracker
 
 log = logging.getLogger("align.ppo")
@@ -97,6 +99,7 @@ def run(config: AlignConfig) -> dict[str, float]:
     for model in (policy_model, reference, reward_model, value_model):
         if model is not None:
             disable_dropout(model)
+    packed = use_packed_rows(ppo.packing, [policy_model, reference, reward_model, value_model])
     if config.train.gradient_checkpointing:
         policy_model.gradient_checkpointing_enable()
 
@@ -153,11 +156,12 @@ def run(config: AlignConfig) -> dict[str, float]:
         # 2-3. Score, KL penalty, advantages. The critic warms up alone first (Qwen: 50 steps).
         train_policy = step >= ppo.value_warmup_steps
         responses = decode_responses(tokenizer, rollout)
-        first_forward = score_forward(policy, value, rollout, ppo.temperature, config, train_policy)
+        rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=packed)
+        first_forward = score_forward(policy, value, rows, ppo.temperature, config, train_policy)
         old_logp, old_values = first_forward.logp.detach(), first_forward.values.detach()
         with torch.no_grad():
-            ref_logp = reference_logprobs(reference, policy, rollout, ppo.temperature)
-            scores, score_parts = score_rollout(reward_model, reward_fn, rollout, prompt_texts, responses)
+            ref_logp = reference_logprobs(reference, policy, rows, ppo.temperature)
+            scores, score_parts = score_rollout(reward_model, reward_fn, rows, prompt_texts, responses)
         if ppo.missing_eos_penalty is not None:
             scores = penalize_missing_eos(scores, rollout.ended_with_eos, ppo.missing_eos_penalty)
         norm_scores = (
@@ -188,6 +192,7 @@ def run(config: AlignConfig) -> dict[str, float]:
             ptx_batches,
             first_forward if first_forward.keeps_graph else None,
             partial(nonfinite.dropped, step=step + 1),
+            packed,
         )
         policy.scheduler.step()
         value.scheduler.step()
@@ -337,30 +342,50 @@ class Forward:
     keeps_graph: bool
 
 
+def use_packed_rows(wanted: bool, roles: list[torch.nn.Module | None]) -> bool:
+    """Packed rows (align/rows.py) for every forward after sampling, when asked and every role's
+    attention can run them; the attention of each is switched here, before any wrapper."""
+    hf_models = [hf_model(m) for m in roles if m is not None]
+    if not wanted:
+        return False
+    refused = sorted({f"{type(m).__name__} ({m.config._attn_implementation})" for m in hf_models if not can_pack(m)})
+    if refused:
+        log.info("ppo.packing: padded rows; packing needs SDPA and full attention, not %s", ", ".join(refused))
+        return False
+    for model in hf_models:
+        enable_packing(model)
+    return True
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a value head or a PEFT wrapper."""
+    if isinstance(model, ValueModel):
+        return model.hf_model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def score_forward(
-    policy: TrainedModel, value: TrainedModel, rollout: Rollout, temperature: float, config: AlignConfig, train: bool
+    policy: TrainedModel, value: TrainedModel, rows: Rows, temperature: float, config: AlignConfig, train: bool
 ) -> Forward:
     """Old log-probs and values. When a rollout is a single micro-batch, the update's first forward
     would repeat this one with the same weights on the same tokens, so the graph is kept for it
     (two forwards fewer per step; the price is holding both graphs while the rest is scored)."""
-    keep = config.ppo.mini_batches == 1 and rollout.input_ids.shape[0] == config.train.batch_size
+    keep = config.ppo.mini_batches == 1 and config.ppo.prompts_per_step * config.ppo.responses_per_prompt == (
+        config.train.batch_size
+    )
     with torch.set_grad_enabled(keep):
-        values = value(rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        values = value(rows)
     with torch.set_grad_enabled(keep and train):
-        logp, entropy = response_logprobs(
-            policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, temperature, with_entropy=keep
-        )
+        logp, entropy = response_logprobs(policy, rows, temperature, with_entropy=keep)
     return Forward(logp, entropy, values, keeps_graph=keep)
 
 
-def reference_logprobs(reference, policy, rollout: Rollout, temperature: float) -> torch.Tensor:
+def reference_logprobs(reference, policy, rows: Rows, temperature: float) -> torch.Tensor:
     if reference is not None:
-        return response_logprobs(reference, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, temperature)[
-            0
-        ]
+        return response_logprobs(reference, rows, temperature)[0]
     # LoRA: the reference is the same base with the adapter switched off (one copy in memory).
     with policy.module.disable_adapter():
-        return response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, temperature)[0]
+        return response_logprobs(policy, rows, temperature)[0]
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
@@ -371,14 +396,12 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     ]
 
 
-def score_rollout(reward_model, reward_fn, rollout: Rollout, prompts: list[str], responses: list[str]):
+def score_rollout(reward_model, reward_fn, rows: Rows, prompts: list[str], responses: list[str]):
     """Sum of the reward model's score (at the last real token) and the reward function's."""
     parts: dict[str, torch.Tensor] = {}
-    device = rollout.input_ids.device
+    device = rows.input_ids.device
     if reward_model is not None:
-        from align.reward_model import rewards_at_last_token
-
-        parts["model"] = rewards_at_last_token(reward_model, rollout.input_ids, rollout.attention_mask).float()
+        parts["model"] = row_rewards(reward_model, rows)
     if reward_fn is not None:
         values = reward_fn(prompts, responses)
         if len(values) != len(responses):
@@ -400,6 +423,7 @@ def update(
     ptx_batches,
     first_forward: Forward | None,
     on_nonfinite: Callable[[str], None],
+    packed: bool,
 ) -> dict[str, float]:
     """`ppo.epochs` passes over the rollout in mini-batches; the first epoch reuses `first_forward`
     (the whole rollout as one micro-batch, scored with these weights) when given. A mini-batch
@@ -418,13 +442,10 @@ def update(
             finite = {"value": True, "policy": True}
             for k in range(accum):
                 idx = mini[k * train.batch_size : (k + 1) * train.batch_size].to(rollout.input_ids.device)
-                ids, att, mask = (
-                    rollout.input_ids[idx],
-                    rollout.attention_mask[idx],
-                    rollout.response_mask[idx],
-                )
+                mask = rollout.response_mask[idx]
+                rows = make_rows(rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len, packed=packed)
                 stats = {}
-                values = first_forward.values if reuse else value(ids, att, rollout.prompt_len)
+                values = first_forward.values if reuse else value(rows)
                 v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], mask, ppo.value_clip)
                 finite["value"] &= bool(torch.isfinite(v_loss))
                 value.backward(v_loss, accum)
@@ -433,7 +454,7 @@ def update(
                     logp, entropy = (
                         (first_forward.logp, first_forward.entropy)
                         if reuse
-                        else response_logprobs(policy, ids, att, rollout.prompt_len, ppo.temperature, with_entropy=True)
+                        else response_logprobs(policy, rows, ppo.temperature, with_entropy=True)
                     )
                     p_loss, p_stats = policy_loss(logp, old_logp[idx], advantages[idx], mask, ppo.clip_eps)
                     loss = p_loss

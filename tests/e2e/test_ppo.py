@@ -65,6 +65,30 @@ def test_ppo_raises_the_reward_and_logs_everything(run_align, tmp_path):
     assert (out / "final" / "tokenizer.json").is_file()
 
 
+def test_packed_rows_train_like_padded_rows(run_align, tmp_path):
+    """Packing (the default with SDPA) changes float rounding only; eager attention falls back to
+    padded rows. The first rollout is sampled alike, so its update must agree to rounding."""
+    common = (BREVITY, "train.max_steps=2", "ppo.value_warmup_steps=0", "ppo.epochs=2", "ppo.mini_batches=2")
+    logs = {}
+    for name, attention in (("packed", "sdpa"), ("padded", "eager")):
+        out = tmp_path / name
+        run_align("stage=ppo", *common, f"model.attn_implementation={attention}", f"output_dir={out}")
+        assert ("ppo.packing: padded rows" in (out / "cli.log").read_text()) == (name == "padded")
+        logs[name] = read_log(out)[0]
+        assert "align_packed_sdpa" not in (out / "final" / "config.json").read_text()
+    packed, padded = logs["packed"], logs["padded"]
+    assert packed["ppo/reward_raw"] == padded["ppo/reward_raw"]
+    for key in (
+        "ppo/kl",
+        "ppo/policy_loss",
+        "ppo/value_loss",
+        "ppo/entropy",
+        "ppo/approx_kl",
+        "ppo/explained_variance",
+    ):
+        assert math.isclose(packed[key], padded[key], rel_tol=1e-3, abs_tol=1e-5), (key, packed[key], padded[key])
+
+
 def test_ppo_needs_a_reward(run_align):
     proc = run_align("stage=ppo", check=False)
     assert proc.returncode == 2

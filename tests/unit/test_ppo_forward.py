@@ -1,11 +1,13 @@
 """Rollout and update see the same log-probs: generation's own logits vs our training forward."""
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from align.config import REPO_ROOT
 from align.ppo.forward import disable_dropout, response_logprobs
 from align.ppo.rollout import left_pad
+from align.rows import PaddedRows, enable_packing, make_rows
 
 TINY = REPO_ROOT / "align" / "assets" / "tiny"
 
@@ -19,8 +21,11 @@ def _tiny_model() -> torch.nn.Module:
     return model.train()  # train mode on purpose: dropout must already be off
 
 
-def test_training_forward_reproduces_generation_logprobs_with_left_padding():
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_training_forward_reproduces_generation_logprobs_with_left_padding(packed):
     model = _tiny_model()
+    if packed:
+        enable_packing(model)  # generation still runs padded, through the same attention function
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # unequal: real left padding
     ids, mask = left_pad(prompts, pad_id=0, device=torch.device("cpu"))
     temperature = 0.7
@@ -45,7 +50,8 @@ def test_training_forward_reproduces_generation_logprobs_with_left_padding():
 
     full_mask = torch.cat([mask, torch.ones_like(response)], dim=1)
     with torch.no_grad():
-        logp, _ = response_logprobs(model, out.sequences, full_mask, ids.shape[1], temperature)
+        rows = make_rows(out.sequences, full_mask, ids.shape[1], packed=packed)
+        logp, _ = response_logprobs(model, rows, temperature)
     torch.testing.assert_close(logp, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -54,7 +60,8 @@ def test_policy_against_itself_has_zero_kl_and_unit_ratio():
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0, device=torch.device("cpu"))
     seq = torch.cat([ids, torch.tensor([[20, 21, 22], [23, 24, 25]])], dim=1)
     full = torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
+    rows = PaddedRows(seq, full, ids.shape[1])
     with torch.no_grad():
-        old, _ = response_logprobs(model, seq, full, ids.shape[1], 1.0)
-    new, _ = response_logprobs(model, seq, full, ids.shape[1], 1.0)  # with grad, as in the update
+        old, _ = response_logprobs(model, rows, 1.0)
+    new, _ = response_logprobs(model, rows, 1.0)  # with grad, as in the update
     assert torch.equal((new - old).exp(), torch.ones_like(old))

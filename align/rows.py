@@ -1,0 +1,220 @@
+"""Rows of tokens for scoring and training forwards: padded as stored, or packed without padding.
+
+A PPO rollout is stored padded: prompts on the left, responses after their EOS on the right. Every
+forward and backward pays for the padding in proportion to its share of the batch, and on real
+prompt sets (a few tokens to a thousand) with responses that stop at EOS that share is large.
+`PackedRows` concatenates the real tokens of all rows into one row, with position ids restarting
+at each row, and keeps attention inside each row (`PACKED_SDPA`, registered with transformers:
+one causal SDPA call per row). Both layouts answer the same questions (the logits that predict
+each response token, the hidden state before it, the state at each row's last real token), so a
+forward is written once and gives the same numbers either way, up to float rounding.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from align.ppo.rewards import last_token_index
+
+PACKED_SDPA = "align_packed_sdpa"
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    # Left-padded rows start counting at their first real token, as `generate` does.
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PaddedRows:
+    """``[N, T]`` ids and 0/1 mask as stored; with `prompt_len`, the response is ``ids[:, prompt_len:]``."""
+
+    def __init__(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int | None = None) -> None:
+        self.input_ids, self.attention_mask, self.prompt_len = input_ids, attention_mask, prompt_len
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": position_ids(self.attention_mask),
+        }
+
+    @property
+    def logits_to_keep(self) -> int:
+        # Logits only where a response token is predicted: the last prompt position onwards.
+        return self.input_ids.shape[1] - self.prompt_len + 1
+
+    def response_logits(self, kept_logits: Tensor) -> Tensor:
+        """The model's logits at `logits_to_keep` -> those predicting each response token."""
+        return kept_logits[:, :-1]
+
+    @property
+    def response_tokens(self) -> Tensor:
+        return self.input_ids[:, self.prompt_len :]
+
+    def before_response(self, hidden: Tensor) -> Tensor:
+        """``[N, T, H]`` -> ``[N, R, H]``: the state before each response token (its value's input)."""
+        return hidden[:, self.prompt_len - 1 : -1]
+
+    def to_rows(self, per_response_token: Tensor) -> Tensor:
+        return per_response_token
+
+    def at_last_token(self, hidden: Tensor) -> Tensor:
+        """``[N, T, H]`` -> ``[N, H]`` at each row's last real token (padding on either side)."""
+        index = last_token_index(self.attention_mask)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+class PackedRows:
+    """The real tokens of ``[N, T]`` padded rows as one row ``[1, sum of lengths]``.
+
+    Response positions after a row's EOS (mask 0) are not in the packed row; `to_rows` gives
+    them 0, and every loss masks them.
+    """
+
+    def __init__(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int | None = None) -> None:
+        real = attention_mask.bool()
+        lengths = real.sum(-1)
+        if bool((lengths == 0).any()):
+            raise ValueError("PackedRows: a row has no real token")
+        self.input_ids = input_ids[real].unsqueeze(0)
+        self.position_ids = (real.long().cumsum(-1) - 1)[real].unsqueeze(0)
+        self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        self.max_length = int(lengths.max())
+        self.prompt_len = prompt_len
+        if prompt_len is not None:
+            if not bool(real[:, :prompt_len].any(-1).all()):
+                raise ValueError("PackedRows: a row has no prompt token to predict its response from")
+            # Packed index of every real position, read at the real response tokens.
+            packed_index = real.reshape(-1).long().cumsum(0).reshape(real.shape) - 1
+            self.response_real = real[:, prompt_len:]
+            self._response_index = packed_index[:, prompt_len:][self.response_real]  # [K]
+
+    def model_inputs(self) -> dict[str, Tensor | int]:
+        # The cu_seq_lens / max_length names are transformers' FlashAttentionKwargs: they reach the
+        # attention function of every layer.
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "cu_seq_lens_q": self.cu_seqlens,
+            "cu_seq_lens_k": self.cu_seqlens,
+            "max_length_q": self.max_length,
+            "max_length_k": self.max_length,
+        }
+
+    @property
+    def logits_to_keep(self) -> Tensor:
+        return self._response_index - 1
+
+    def response_logits(self, kept_logits: Tensor) -> Tensor:
+        return kept_logits[0]  # [K, V]
+
+    @property
+    def response_tokens(self) -> Tensor:
+        return self.input_ids[0, self._response_index]
+
+    def before_response(self, hidden: Tensor) -> Tensor:
+        return hidden[0, self._response_index - 1]  # [K, H]
+
+    def to_rows(self, per_response_token: Tensor) -> Tensor:
+        """``[K, ...]`` (one per real response token) -> ``[N, R, ...]``, 0 after each EOS."""
+        out = per_response_token.new_zeros((*self.response_real.shape, *per_response_token.shape[1:]))
+        out[self.response_real] = per_response_token
+        return out
+
+    def at_last_token(self, hidden: Tensor) -> Tensor:
+        return hidden[0, self.cu_seqlens[1:].long() - 1]
+
+
+Rows = PaddedRows | PackedRows
+
+
+def make_rows(input_ids: Tensor, attention_mask: Tensor, prompt_len: int | None, *, packed: bool) -> Rows:
+    return (PackedRows if packed else PaddedRows)(input_ids, attention_mask, prompt_len)
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+
+def can_pack(model: nn.Module) -> bool:
+    """Whether `enable_packing` can switch this Hugging Face model's attention to `PACKED_SDPA`.
+
+    It must use SDPA through transformers' attention interface, with full causal attention in
+    every layer (a sliding window would need a window inside each packed row).
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", PACKED_SDPA):
+        return False
+    if not getattr(model, "_can_set_attn_implementation", lambda: False)():
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
+
+
+def enable_packing(model: nn.Module) -> None:
+    """Run this model's attention through `PACKED_SDPA`: plain SDPA for padded rows (generation
+    included, with the same masks as before), one causal SDPA per row for packed ones."""
+    _register()
+    model.set_attn_implementation(PACKED_SDPA)
+    if model.config._attn_implementation != PACKED_SDPA:
+        raise RuntimeError(f"{type(model).__name__} kept attention '{model.config._attn_implementation}'")
+
+
+def _packed_sdpa_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: Tensor | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """``query [1, heads, T, d]`` of packed rows -> ``[1, T, heads, d]``; padded rows go to SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    unsupported = [k for k in ("position_bias", "softcap", "s_aux") if kwargs.get(k) is not None]
+    if unsupported or query.shape[0] != 1:
+        raise ValueError(f"packed rows cannot run attention with {unsupported or 'a batch of several rows'}")
+    grouped = query.shape[1] != key.shape[1]
+    parts = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=True,
+            enable_gqa=grouped,
+        )
+        for start, end in pairwise(cu_seq_lens_q.tolist())
+    ]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _packed_sdpa_mask(*args, attention_mask=None, q_length=None, kv_length=None, kv_offset=0, **kwargs):
+    """SDPA's masks, except none at all for unpadded input without a cache: packed rows are kept
+    apart by `_packed_sdpa_attention` (a [T, T] mask would cost T^2 memory for nothing), and an
+    unpadded batch is plain causal."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None and q_length == kv_length and kv_offset == 0:
+        return None
+    return sdpa_mask(
+        *args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length, kv_offset=kv_offset, **kwargs
+    )
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(PACKED_SDPA, _packed_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, _packed_sdpa_mask)
