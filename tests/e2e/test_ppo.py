@@ -89,6 +89,38 @@ def test_packed_rows_train_like_padded_rows(run_align, tmp_path):
         assert math.isclose(packed[key], padded[key], rel_tol=1e-3, abs_tol=1e-5), (key, packed[key], padded[key])
 
 
+def test_lora_ppo_trains_an_adapter_against_its_own_base(run_align, tmp_path):
+    """The reference is the policy with its adapter off: KL is exactly 0 until the adapter moves.
+    final/ holds the adapter, merged/ the base with it folded in, value/ the value model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from align import models
+    from align.config import REPO_ROOT, ModelConfig
+
+    out = tmp_path / "lora"
+    steps = ("train.max_steps=4", "ppo.value_warmup_steps=2", "train.lr=1e-3")
+    run_align("stage=ppo", BREVITY, "peft=lora", "peft.r=8", "peft.merge=true", *steps, f"output_dir={out}")
+    log = read_log(out)
+    assert [r["ppo/kl"] for r in log[:3]] == [0.0, 0.0, 0.0]  # warm-up, then the first policy update
+    assert log[3]["ppo/kl"] > 0
+
+    final = out / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    AutoModelForSequenceClassification.from_pretrained(final / "value")
+    # The random tiny base again (same config and seed as the run), with the saved adapter on top.
+    tiny = ModelConfig(name_or_path=str(REPO_ROOT / "align" / "assets" / "tiny"), init="random")
+    tokenizer = models.load_tokenizer(tiny)
+    base = models.load_causal_lm(tiny, tokenizer, precision="fp32", seed=42)  # model=tiny, the default seed
+    adapted = PeftModel.from_pretrained(base, final).eval()
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged").eval()
+    ids = torch.tensor([tokenizer("Sort: 4 7 1")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
+        with adapted.disable_adapter():
+            assert not torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
+
+
 def test_ppo_needs_a_reward(run_align):
     proc = run_align("stage=ppo", check=False)
     assert proc.returncode == 2
