@@ -345,9 +345,9 @@ class Forward:
 def use_packed_rows(wanted: bool, roles: list[torch.nn.Module | None]) -> bool:
     """Packed rows (align/rows.py) for every forward after sampling, when asked and every role's
     attention can run them; the attention of each is switched here, before any wrapper."""
-    hf_models = [hf_model(m) for m in roles if m is not None]
     if not wanted:
         return False
+    hf_models = [hf_model(m) for m in roles if m is not None]
     refused = sorted({f"{type(m).__name__} ({m.config._attn_implementation})" for m in hf_models if not can_pack(m)})
     if refused:
         log.info("ppo.packing: padded rows; packing needs SDPA and full attention, not %s", ", ".join(refused))
@@ -370,9 +370,8 @@ def score_forward(
     """Old log-probs and values. When a rollout is a single micro-batch, the update's first forward
     would repeat this one with the same weights on the same tokens, so the graph is kept for it
     (two forwards fewer per step; the price is holding both graphs while the rest is scored)."""
-    keep = config.ppo.mini_batches == 1 and config.ppo.prompts_per_step * config.ppo.responses_per_prompt == (
-        config.train.batch_size
-    )
+    episodes = config.ppo.prompts_per_step * config.ppo.responses_per_prompt
+    keep = config.ppo.mini_batches == 1 and episodes == config.train.batch_size
     with torch.set_grad_enabled(keep):
         values = value(rows)
     with torch.set_grad_enabled(keep and train):
