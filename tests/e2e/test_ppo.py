@@ -68,7 +68,8 @@ def test_ppo_raises_the_reward_and_logs_everything(run_align, tmp_path):
 def test_packed_rows_train_like_padded_rows(run_align, tmp_path):
     """Packing (the default with SDPA) changes float rounding only; eager attention falls back to
     padded rows. The first rollout is sampled alike, so its update must agree to rounding."""
-    common = (BREVITY, "train.max_steps=2", "ppo.value_warmup_steps=0", "ppo.epochs=2", "ppo.mini_batches=2")
+    common = (BREVITY, "train.max_steps=1", "ppo.max_new_tokens=16", "ppo.value_warmup_steps=0")
+    common += ("ppo.epochs=2", "ppo.mini_batches=2")
     logs = {}
     for name, attention in (("packed", "sdpa"), ("padded", "eager")):
         out = tmp_path / name
@@ -99,7 +100,7 @@ def test_lora_ppo_trains_an_adapter_against_its_own_base(run_align, tmp_path):
     from align.config import REPO_ROOT, ModelConfig
 
     out = tmp_path / "lora"
-    steps = ("train.max_steps=4", "ppo.value_warmup_steps=2", "train.lr=1e-3")
+    steps = ("train.max_steps=4", "ppo.value_warmup_steps=2", "train.lr=1e-3", "ppo.max_new_tokens=16")
     run_align("stage=ppo", BREVITY, "peft=lora", "peft.r=8", "peft.merge=true", *steps, f"output_dir={out}")
     log = read_log(out)
     assert [r["ppo/kl"] for r in log[:3]] == [0.0, 0.0, 0.0]  # warm-up, then the first policy update
