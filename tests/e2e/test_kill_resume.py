@@ -41,6 +41,7 @@ STAGES = {
         "ppo.reward_fn=align.tasks.sorting:gold_reward",
         "ppo.value_warmup_steps=2",
         "ppo.prompts_per_step=4",
+        "ppo.max_new_tokens=24",
         # Two shuffled passes in two mini-batches: the resumed run must draw the same shuffles.
         "ppo.epochs=2",
         "ppo.mini_batches=2",

@@ -11,6 +11,7 @@ SHORT = [
     "train.max_steps=20",
     "train.save_steps=10",
     "logger=wandb",  # offline (conftest sets WANDB_MODE): the W&B files are checked below
+    "pipeline.eval_max_new_tokens=12",  # the summary's held-out comparison runs on every invocation
     "pipeline.ppo=['ppo.monitor_fn=align.tasks.sorting:gold_reward','train.max_steps=6','ppo.value_warmup_steps=2',"
     "'ppo.sample_every=3']",
 ]

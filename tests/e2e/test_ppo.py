@@ -122,6 +122,36 @@ def test_lora_ppo_trains_an_adapter_against_its_own_base(run_align, tmp_path):
             assert not torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-4)
 
 
+def test_ppo_recipe_options_run_together(run_align, tmp_path):
+    """The PTX loss on an SFT recipe, a value model started from the policy, the adaptive KL
+    controller and clipped, standardised rewards, in one short run."""
+    out = tmp_path / "options"
+    run_align(
+        "stage=ppo",
+        BREVITY,
+        "train.max_steps=3",
+        "ppo.value_warmup_steps=1",
+        "ppo.max_new_tokens=16",
+        "ppo.ptx_coef=0.5",
+        "ppo.ptx_data=demo_sft",
+        "ppo.value_init=policy",
+        "ppo.adaptive_kl=true",
+        "ppo.kl_target=0.01",
+        "ppo.kl_horizon=100",
+        "ppo.reward_norm_std=true",
+        "ppo.reward_clip=1.0",
+        f"output_dir={out}",
+    )
+    log = read_log(out)
+    assert "ppo/ptx_loss" not in log[0]  # critic warm-up: the policy, and its PTX loss, wait
+    assert all(math.isfinite(r["ppo/ptx_loss"]) and r["ppo/ptx_loss"] > 0 for r in log[1:])
+    assert all(abs(r["ppo/reward_norm"]) <= 1.0 for r in log)
+    coefs = [r["ppo/kl_coef"] for r in log]
+    assert len(set(coefs)) == len(coefs) and all(0 < c < 1 for c in coefs)  # the controller moves it every step
+    value = json.loads((out / "final" / "value" / "config.json").read_text())
+    assert value["architectures"] == ["Qwen2ForSequenceClassification"]
+
+
 def test_ppo_needs_a_reward(run_align):
     proc = run_align("stage=ppo", check=False)
     assert proc.returncode == 2
