@@ -169,3 +169,12 @@ def apply_lora(
 
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside DDP / DeepSpeed / PEFT wrappers (LoRA layers are patched in place)."""
+    while hasattr(model, "module"):  # DistributedDataParallel, DeepSpeedEngine
+        model = model.module
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return model

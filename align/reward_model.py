@@ -145,15 +145,6 @@ def merge_reward_adapter(adapter_dir: Path, target: Path, tokenizer: PreTrainedT
 # --- reading the reward --------------------------------------------------------------------------
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``*ForSequenceClassification`` inside DDP / DeepSpeed / PEFT wrappers."""
-    while hasattr(model, "module"):  # DistributedDataParallel, DeepSpeedEngine
-        model = model.module
-    if isinstance(model, PeftModel):
-        model = model.get_base_model()  # LoRA layers are injected in place; score is the trained copy
-    return model
-
-
 def rewards_at_last_token(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """``[B, T]`` ids and 0/1 mask -> ``[B]`` rewards read at each row's last real token.
 
@@ -172,7 +163,7 @@ def row_rewards(model: torch.nn.Module, rows: Rows) -> Tensor:
     """
     outputs = model(**rows.model_inputs(), output_hidden_states=True, use_cache=False)
     hidden = rows.at_last_token(outputs.hidden_states[-1])  # [B, H], after the final norm
-    head = getattr(_unwrap(model), SCORE_HEAD)
+    head = getattr(models.unwrap_model(model), SCORE_HEAD)
     return head(hidden.to(head.weight.dtype if hasattr(head, "weight") else hidden.dtype)).squeeze(-1).float()
 
 

@@ -80,10 +80,9 @@ class PackedRows:
         if bool((lengths == 0).any()):
             raise ValueError("PackedRows: a row has no real token")
         self.input_ids = input_ids[real].unsqueeze(0)
-        self.position_ids = (real.long().cumsum(-1) - 1)[real].unsqueeze(0)
+        self.position_ids = position_ids(attention_mask)[real].unsqueeze(0)
         self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         self.max_length = int(lengths.max())
-        self.prompt_len = prompt_len
         if prompt_len is not None:
             if not bool(real[:, :prompt_len].any(-1).all()):
                 raise ValueError("PackedRows: a row has no prompt token to predict its response from")

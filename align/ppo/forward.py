@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from align.models import unwrap_model
 from align.ppo.losses import logprobs_from_logits, token_entropy
 from align.rows import Rows
 
@@ -71,7 +72,7 @@ class ValueModel(nn.Module):
     @property
     def hf_model(self) -> nn.Module:
         """The sequence-classification model (inside a PEFT wrapper, whose layers are patched in place)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return unwrap_model(self.model)
 
     def forward(self, rows: Rows) -> Tensor:
         """``[N, R]`` values of the states before each response token."""

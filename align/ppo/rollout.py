@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from align.ppo.rewards import has_eos, response_mask_after_eos
+from align.rows import position_ids
 
 
 @dataclass
@@ -88,9 +89,7 @@ def _sample_tokens(
     n = prompt_ids.shape[0]
     eos = torch.as_tensor(eos_ids, device=prompt_ids.device)
     mask = prompt_mask
-    # Left-padded rows count positions from their first real token, as generate and the
-    # train-layout forward do.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(mask)  # as the scoring and training forwards count them
     cache = DynamicCache(config=getattr(model, "config", None))
     tokens = prompt_ids
     done = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)

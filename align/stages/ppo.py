@@ -347,7 +347,7 @@ def use_packed_rows(wanted: bool, roles: list[torch.nn.Module | None]) -> bool:
     attention can run them; the attention of each is switched here, before any wrapper."""
     if not wanted:
         return False
-    hf_models = [hf_model(m) for m in roles if m is not None]
+    hf_models = [m.hf_model if isinstance(m, ValueModel) else models.unwrap_model(m) for m in roles if m is not None]
     refused = sorted({f"{type(m).__name__} ({m.config._attn_implementation})" for m in hf_models if not can_pack(m)})
     if refused:
         log.info("ppo.packing: padded rows; packing needs SDPA and full attention, not %s", ", ".join(refused))
@@ -355,13 +355,6 @@ def use_packed_rows(wanted: bool, roles: list[torch.nn.Module | None]) -> bool:
     for model in hf_models:
         enable_packing(model)
     return True
-
-
-def hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face model inside a value head or a PEFT wrapper."""
-    if isinstance(model, ValueModel):
-        return model.hf_model
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def score_forward(
