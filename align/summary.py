@@ -7,6 +7,7 @@ PPO policy's KL to the SFT policy (its reference). Plots come from the stages' l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
+from align.data.formats import other_column_names, read_other_columns
 from align.models import load_causal_lm, load_tokenizer
 from align.plugins import import_reward_fn
 from align.ppo.forward import response_logprobs
@@ -32,12 +34,11 @@ def write_summary(config: AlignConfig, out: Path, outputs: dict[str, Path]) -> s
     if rm:
         rows.append(("RM held-out accuracy", _fmt(rm.get("eval/accuracy"))))
     if "ppo" in outputs and config.pipeline.eval_prompts:
-        evaluation = evaluate_policies(config, outputs)
+        evaluation = held_out_evaluation(config, out, outputs)
         rows.append(("PPO proxy reward, SFT -> PPO policy (held-out)", _arrow(evaluation, "proxy")))
         if config.pipeline.gold_fn:
             rows.append(("Gold score, SFT -> PPO policy (held-out)", _arrow(evaluation, "gold")))
         rows.append(("KL(PPO policy || reference), held-out", _fmt(evaluation.get("kl"))))
-        (out / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     if ppo:
         rows.append(
             (
@@ -56,18 +57,47 @@ def write_summary(config: AlignConfig, out: Path, outputs: dict[str, Path]) -> s
     return table
 
 
-def evaluate_policies(config: AlignConfig, outputs: dict[str, Path]) -> dict[str, float]:
+def held_out_evaluation(config: AlignConfig, out: Path, outputs: dict[str, Path]) -> dict[str, float]:
+    """`evaluate_policies`, or eval.json when it was computed from the same stage outputs, prompts
+    and settings: rerunning a complete pipeline reports again without sampling again."""
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(outputs["ppo"] / "final")))
+    prompts = load_recipe_data(config.pipeline.eval_prompts, "prompt", tokenizer, seed=0)
+    inputs = _evaluation_inputs(config, outputs, prompts.fingerprint)
+    path = out / "eval.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.pop("inputs_sha256", None) == inputs:
+            log.info("held-out evaluation: stages, prompts and settings unchanged; read from %s", path)
+            return saved
+    evaluation = evaluate_policies(config, outputs, tokenizer, prompts.train)
+    path.write_text(json.dumps({**evaluation, "inputs_sha256": inputs}, indent=2) + "\n")
+    return evaluation
+
+
+def _evaluation_inputs(config: AlignConfig, outputs: dict[str, Path], prompts_fingerprint: str) -> str:
+    # A stage that runs again writes a new manifest (its creation time, metrics and config).
+    digest = hashlib.sha256(prompts_fingerprint.encode())
+    for stage, path in sorted(outputs.items()):
+        digest.update(stage.encode() + (path / "manifest.json").read_bytes())
+    p = config.pipeline
+    settings = [p.gold_fn, p.eval_max_new_tokens, config.ppo.temperature, config.ppo.top_p, config.seed]
+    digest.update(json.dumps(settings).encode())
+    return digest.hexdigest()
+
+
+def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, prompts) -> dict[str, float]:
     """Sample once per held-out prompt from each policy with the same seed and settings."""
     from align.reward_model import load_reward_model, rewards_at_last_token
 
     sft_dir = outputs["sft"] / "final" if "sft" in outputs else None
     ppo_dir = outputs["ppo"] / "final"
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(ppo_dir)))
-    prompts = load_recipe_data(config.pipeline.eval_prompts, "prompt", tokenizer, seed=0).train
     ids = [row["prompt_input_ids"] for row in prompts]
     texts = [row["prompt"][-1]["content"] for row in prompts]
+    columns = [read_other_columns(row) for row in prompts]
     reward_model = load_reward_model(str(outputs["rm"] / "final")).eval() if "rm" in outputs else None
     gold = import_reward_fn(config.pipeline.gold_fn, "pipeline.gold_fn") if config.pipeline.gold_fn else None
+    if gold is not None and gold.required_columns:
+        gold.check_columns(other_column_names(prompts), f"pipeline.eval_prompts={config.pipeline.eval_prompts}")
 
     result: dict[str, float] = {"prompts": len(ids)}
     policies = {"sft": sft_dir, "ppo": ppo_dir} if sft_dir else {"ppo": ppo_dir}
@@ -95,7 +125,7 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path]) -> dict[str
                 scores = rewards_at_last_token(reward_model, rollout.input_ids, rollout.attention_mask)
                 result[f"proxy_{name}"] = scores.float().mean().item()
         if gold is not None:
-            result[f"gold_{name}"] = sum(gold(texts, responses)) / len(responses)
+            result[f"gold_{name}"] = sum(gold(texts, responses, columns)) / len(responses)
     if "sft" in rollouts:
         (ppo_model, rollout), (sft_model, _) = rollouts["ppo"], rollouts["sft"]
         with torch.no_grad():

@@ -11,7 +11,7 @@ SHORT = [
     "train.max_steps=20",
     "train.save_steps=10",
     "logger=wandb",  # offline (conftest sets WANDB_MODE): the W&B files are checked below
-    "pipeline.eval_max_new_tokens=12",  # the summary's held-out comparison runs on every invocation
+    "pipeline.eval_max_new_tokens=12",
     "pipeline.ppo=['ppo.monitor_fn=align.tasks.sorting:gold_reward','train.max_steps=6','ppo.value_warmup_steps=2',"
     "'ppo.sample_every=3']",
 ]
@@ -60,14 +60,20 @@ def test_default_pipeline_runs_skips_and_reruns(run_align, tmp_path):
 
     # The same command again: every stage is complete and skipped.
     manifests = {s: (out / s / "manifest.json").stat().st_mtime_ns for s in ("sft", "rm", "ppo")}
+    evaluation = (out / "eval.json").read_text()
     second = run_align(*SHORT, f"output_dir={out}")
     assert (second.stdout + second.stderr).count("complete in") == 3
     assert {s: (out / s / "manifest.json").stat().st_mtime_ns for s in manifests} == manifests
+    # ... and so is the held-out evaluation: nothing it was computed from changed.
+    assert "held-out evaluation: stages, prompts and settings unchanged" in second.stdout + second.stderr
+    assert (out / "eval.json").read_text() == evaluation
+    assert (out / "summary.md").read_text() == summary
 
     # Without the PPO output only PPO runs again.
     shutil.rmtree(out / "ppo")
     third = run_align(*SHORT, f"output_dir={out}")
     assert (third.stdout + third.stderr).count("complete in") == 2
+    assert "held-out evaluation: stages" not in third.stdout + third.stderr  # a new PPO policy: sampled again
     assert (out / "ppo" / "manifest.json").is_file()
     assert {s: (out / s / "manifest.json").stat().st_mtime_ns for s in ("sft", "rm")} == {
         s: manifests[s] for s in ("sft", "rm")
