@@ -147,7 +147,8 @@ class PPOConfig:
     reward_model: str | None = None
     """A trained reward model directory (an rm run's final/)."""
     reward_fn: str | None = None
-    """'module:function' scoring (prompts, responses) -> list of floats; added to the RM's score."""
+    """'module:function' scoring (prompts, responses) -> list of floats; added to the RM's score.
+    Parameters after those two (or **kwargs) receive the prompt rows' other columns by name."""
     monitor_fn: str | None = None
     """'module:function' like reward_fn, logged as ppo/gold but never trained on: with a task's
     gold score it shows reward hacking (proxy reward up, gold down) as it happens."""

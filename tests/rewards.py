@@ -6,3 +6,13 @@ from __future__ import annotations
 def brevity(prompts: list[str], responses: list[str]) -> list[float]:
     """1 for an empty answer, falling by 0.1 a word: a reward a tiny policy can chase in minutes."""
     return [max(0.0, 1.0 - 0.1 * len(response.split())) for response in responses]
+
+
+def none_when_unparsed(prompts: list[str], responses: list[str]) -> list[float | None]:
+    """A verifiable reward that gives None where it cannot read an answer (here: the second response)."""
+    return [None if i == 1 else 1.0 for i in range(len(responses))]
+
+
+def matches_its_answer(prompts: list[str], responses: list[str], answer: list[str]) -> list[float]:
+    """1 where the prompt ends with its row's `answer` column: the columns reach the reward aligned."""
+    return [float(prompt.endswith(a)) for prompt, a in zip(prompts, answer, strict=True)]

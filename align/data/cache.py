@@ -24,7 +24,7 @@ from align.errors import DataError
 
 log = logging.getLogger("align.data")
 # Bump when the processing changes what a cached folder would hold.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: prompt rows carry their source row's other columns
 MARKER = "complete"
 POLL_S = 1.0
 

@@ -3,7 +3,8 @@
 Canonical rows (before tokenisation):
 - conversation: ``{"messages": [{"role", "content"}, ...]}``
 - preference:   ``{"prompt": [...ending with a user turn], "chosen": [assistant...], "rejected": [...]}``
-- prompt:       ``{"prompt": [...ending with a user turn]}``
+- prompt:       ``{"prompt": [...ending with a user turn]}``, and the source row's other fields
+  (``other_columns``) when loaded for a prompt recipe
 
 An adapter returns a list (ranked formats turn one row into several pairs) or raises RowError,
 which names the field and the reason; the loader turns it into a one-line DataError or a counted
@@ -12,6 +13,7 @@ drop, so no adapter decides what happens to a bad row.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from itertools import combinations
@@ -295,6 +297,22 @@ def ultrafeedback_format(row: Row, columns: dict[str, str], pairs: str = "best_v
 def prompt_format(row: Row, columns: dict[str, str]) -> list[Row]:
     field = columns.get("prompt", "prompt")
     return [{"prompt": cut_to_last_user(_messages(_get(row, "prompt", columns), field, "user"), field)}]
+
+
+def other_columns(raw: Row, format_name: str, columns: dict[str, str]) -> str:
+    """A source row's fields besides the one its prompt came from, as JSON. Prompt rows carry them
+    to the reward function, as TRL passes dataset columns: a verifiable reward needs the answer."""
+    prompt_field = columns.get("prompt", "prompt") if format_name == "prompt" else None
+    return json.dumps({k: v for k, v in raw.items() if k != prompt_field}, sort_keys=True, default=str)
+
+
+def read_other_columns(row: Row) -> dict[str, Any]:
+    return json.loads(row["other_columns"])
+
+
+def other_column_names(rows: Any) -> set[str]:
+    """Every name `other_columns` holds in a prompt dataset, read from its column in one go."""
+    return set().union(*(json.loads(text) for text in rows["other_columns"]))
 
 
 # Each format's native kind; the loader converts between kinds where it makes sense (see to_kind).

@@ -25,6 +25,7 @@ from align.cli import check_library_names, validate
 from align.config import AlignConfig
 from align.errors import ConfigError
 from align.lineage import is_complete
+from align.plugins import import_reward_fn
 from align.summary import write_summary
 from align.tracking import Tracker, stable_run_id
 
@@ -39,6 +40,8 @@ def run(config: AlignConfig) -> dict[str, float]:
     unknown = [s for s in stages if s not in KNOWN]
     if unknown or not stages:
         raise ConfigError(f"pipeline.stages must be a non-empty list of {', '.join(KNOWN)}; got {stages}")
+    if config.pipeline.gold_fn:
+        import_reward_fn(config.pipeline.gold_fn, "pipeline.gold_fn")  # a typo fails now, not after training
     out = rundir.prepare(config)
     shared = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(_PIPELINE_KEYS)]
     # The folder's name for people, its path's hash so two pipelines both called `pipe` stay apart.

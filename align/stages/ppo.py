@@ -31,6 +31,7 @@ from transformers import AutoModelForSequenceClassification, get_scheduler
 from align import models, rundir
 from align.config import AlignConfig
 from align.data import load_recipe_data
+from align.data.formats import other_column_names, read_other_columns
 from align.distributed import build_deepspeed_config, world_info
 from align.errors import CheckpointError, ConfigError, Preempted, TrainingError
 from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
@@ -81,6 +82,9 @@ def run(config: AlignConfig) -> dict[str, float]:
         cache_dir=config.data.cache_dir,
     )
     prompts = prompt_data.train
+    for fn in (reward_fn, monitor_fn):
+        if fn is not None and fn.required_columns:
+            fn.check_columns(other_column_names(prompts), f"data.recipe={config.data.recipe}")
     sampler = PromptSampler(len(prompts), ppo.prompts_per_step, accelerator, seed=config.seed)
 
     # The four roles, on one process, data parallel or DeepSpeed ZeRO (models load into shards under
@@ -138,6 +142,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         batch = [prompts[i] for i in sampler.next_indices()]
         prompt_ids = [row["prompt_input_ids"] for row in batch for _ in range(ppo.responses_per_prompt)]
         prompt_texts = [row["prompt"][-1]["content"] for row in batch for _ in range(ppo.responses_per_prompt)]
+        columns = [read_other_columns(row) for row in batch for _ in range(ppo.responses_per_prompt)]
 
         # 1. Rollout (under ZeRO-3 the policy is gathered once for the whole batch).
         with policy.for_generation() as whole_policy:
@@ -161,7 +166,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         old_logp, old_values = first_forward.logp.detach(), first_forward.values.detach()
         with torch.no_grad():
             ref_logp = reference_logprobs(reference, policy, rows, ppo.temperature)
-            scores, score_parts = score_rollout(reward_model, reward_fn, rows, prompt_texts, responses)
+            scores, score_parts = score_rollout(reward_model, reward_fn, rows, prompt_texts, responses, columns)
         if ppo.missing_eos_penalty is not None:
             scores = penalize_missing_eos(scores, rollout.ended_with_eos, ppo.missing_eos_penalty)
         norm_scores = (
@@ -205,7 +210,7 @@ def run(config: AlignConfig) -> dict[str, float]:
             "ppo/reward_raw": scores.mean().item(),
             "ppo/reward_norm": norm_scores.mean().item(),
             **{f"ppo/reward_{name}": part.mean().item() for name, part in score_parts.items()},
-            **({"ppo/gold": sum(monitor_fn(prompt_texts, responses)) / len(responses)} if monitor_fn else {}),
+            **({"ppo/gold": sum(monitor_fn(prompt_texts, responses, columns)) / len(responses)} if monitor_fn else {}),
             "ppo/kl": seq_kl,
             "ppo/kl_k3": (kl_penalty(old_logp, ref_logp, "k3") * mask).sum(-1).mean().item(),
             "ppo/kl_coef": kl_ctl.value,
@@ -388,17 +393,16 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     ]
 
 
-def score_rollout(reward_model, reward_fn, rows: Rows, prompts: list[str], responses: list[str]):
+def score_rollout(
+    reward_model, reward_fn, rows: Rows, prompts: list[str], responses: list[str], columns: list[dict[str, Any]]
+):
     """Sum of the reward model's score (at the last real token) and the reward function's."""
     parts: dict[str, torch.Tensor] = {}
     device = rows.input_ids.device
     if reward_model is not None:
         parts["model"] = row_rewards(reward_model, rows)
     if reward_fn is not None:
-        values = reward_fn(prompts, responses)
-        if len(values) != len(responses):
-            raise TrainingError(f"ppo.reward_fn returned {len(values)} scores for {len(responses)} responses")
-        parts["fn"] = torch.tensor([float(v) for v in values], device=device)
+        parts["fn"] = torch.tensor(reward_fn(prompts, responses, columns), device=device)
     return sum(parts.values()), parts
 
 

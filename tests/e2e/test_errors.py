@@ -24,7 +24,7 @@ import pytest
 from tests.conftest import REPO, align_env
 
 TINY = REPO / "align" / "assets" / "tiny"
-EXIT = {"ConfigError": 2, "DataError": 3, "ModelError": 4, "CheckpointError": 5}
+EXIT = {"ConfigError": 2, "DataError": 3, "ModelError": 4, "CheckpointError": 5, "TrainingError": 6}
 
 
 @dataclass
@@ -178,6 +178,8 @@ STAGE_CASES = {
     "resume from a non-checkpoint": ("CheckpointError", "not a complete", [SFT, "resume={bad}/not_a_checkpoint"]),
     "ppo without a reward": ("ConfigError", "needs ppo.reward_model", ["stage=ppo"]),
     "ppo reward_fn not importable": ("ConfigError", "ppo.reward_fn 'nope:f'", ["stage=ppo", "ppo.reward_fn=nope:f"]),
+    "ppo reward_fn column absent": ("ConfigError", "takes 'answer', which no prompt row of data.recipe=demo_prompts",
+                                    ["stage=ppo", "ppo.reward_fn=tests.rewards:matches_its_answer"]),
     "ppo rollout not divisible": ("ConfigError", "train.batch_size=2", [*PPO, "ppo.prompts_per_step=3",
                                   "ppo.responses_per_prompt=1", "train.batch_size=2"]),
     "ppo policy missing": ("ModelError", "'{bad}/nowhere' does not exist", [*PPO, "ppo.policy={bad}/nowhere"]),

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, align_env, read_log, read_metrics
+from tests.e2e.test_errors import assert_one_line_error
 
 BREVITY = "ppo.reward_fn=tests.rewards:brevity"
 
@@ -156,6 +157,43 @@ def test_ppo_needs_a_reward(run_align):
     proc = run_align("stage=ppo", check=False)
     assert proc.returncode == 2
     assert "needs ppo.reward_model=<rm dir> or ppo.reward_fn=module:function" in proc.stderr
+
+
+def test_a_reward_fn_returning_none_stops_the_run_naming_it(run_align, tmp_path):
+    proc = run_align(
+        "stage=ppo",
+        "ppo.reward_fn=tests.rewards:none_when_unparsed",
+        "ppo.prompts_per_step=2",
+        "train.batch_size=2",
+        "ppo.max_new_tokens=4",
+        "train.max_steps=2",
+        f"output_dir={tmp_path / 'ppo'}",
+        check=False,
+    )
+    assert_one_line_error(
+        proc, "TrainingError", "ppo.reward_fn=tests.rewards:none_when_unparsed returned None for response 1 of 4"
+    )
+    assert not (tmp_path / "ppo" / "final").exists()
+
+
+def test_the_reward_fn_gets_each_prompt_rows_other_columns(run_align, tmp_path):
+    # A verifiable reward reads each prompt's answer column; every reward is 1 only if the columns
+    # stay with their prompts through sampling, repetition per response and batching.
+    rows = [{"prompt": f"Say word{i}", "answer": f"word{i}", "id": i} for i in range(12)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "qa.yaml").write_text("kind: prompt\nsources:\n  - path: qa.jsonl\n    format: prompt\n")
+    out = tmp_path / "ppo"
+    run_align(
+        "stage=ppo",
+        f"data.recipe={tmp_path / 'qa.yaml'}",
+        "ppo.reward_fn=tests.rewards:matches_its_answer",
+        "ppo.prompts_per_step=3",
+        "train.batch_size=3",
+        "ppo.max_new_tokens=4",
+        "train.max_steps=3",
+        f"output_dir={out}",
+    )
+    assert [r["ppo/reward_raw"] for r in read_log(out)] == [1.0, 1.0, 1.0]
 
 
 POISONED_PPO = [

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 import align.data.load
 from align.data import load_recipe_data, resolve_recipe_path
+from align.data.formats import other_column_names, read_other_columns
 from align.data.mix import mixture_counts
 from align.data.recipe import RECIPE_DIR, load_recipe
 from align.errors import DataError
@@ -225,3 +226,29 @@ def test_demo_recipes_load(tmp_path, tok, name, kind, train, eval):
     data = load_recipe_data(name, kind, tok, cache_dir=str(tmp_path))
     assert (len(data.train), len(data.eval) if data.eval is not None else 0) == (train, eval)
     assert sum(sum(r.dropped.values()) for r in data.reports) == 0
+
+
+def test_prompt_rows_carry_their_other_columns(tmp_path, tok):
+    """A verifiable reward needs each prompt's answer: prompt rows keep the rest of their source row."""
+    (tmp_path / "qa.jsonl").write_text(
+        json.dumps({"question": "2 + 2?", "answer": "4", "meta": {"level": 1}}) + "\n"
+        + json.dumps({"question": "2 + 2?", "answer": "four", "meta": {"level": 2}}) + "\n"
+        + json.dumps({"question": "3 + 3?", "answer": "6"}) + "\n"
+    )  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "id": 7})
+        + "\n"
+    )
+    sources = [
+        {"path": "qa.jsonl", "format": "prompt", "columns": {"prompt": "question"}},
+        {"path": "chat.jsonl", "format": "messages"},
+    ]
+    data = load_recipe_data(write_recipe(tmp_path / "r.yaml", sources=sources, dedup=True), "prompt", tok, seed=0)
+    by_prompt = {row["prompt"][-1]["content"]: read_other_columns(row) for row in data.train}
+    # The prompt's own column is not repeated; a duplicate prompt is dropped whatever else its row holds.
+    assert by_prompt["2 + 2?"] == {"answer": "4", "meta": {"level": 1}}
+    assert by_prompt["3 + 3?"] == {"answer": "6"}
+    # A prompt cut from a conversation keeps the whole row (its reference reply is there too).
+    assert by_prompt["hi"]["id"] == 7 and by_prompt["hi"]["messages"][1]["content"] == "hello"
+    assert other_column_names(data.train) == {"answer", "meta", "id", "messages"}
+    assert [r.dropped for r in data.reports] == [{"duplicate": 1}, {}]

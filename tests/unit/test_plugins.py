@@ -1,0 +1,130 @@
+"""User score functions (ppo.reward_fn, ppo.monitor_fn, pipeline.gold_fn) are called through checks."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from align.errors import ConfigError, TrainingError
+from align.plugins import ScoreFunction, import_reward_fn
+
+PROMPTS, RESPONSES = ["p0", "p1", "p2"], ["r0", "a long answer " * 20, "r2"]
+
+
+def scored(values):
+    return ScoreFunction(lambda prompts, responses: values, "ppo.reward_fn=m:f")(PROMPTS, RESPONSES)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1, 0.5, True],
+        (1.0, 0.5, 1.0),
+        np.array([1.0, 0.5, 1.0]),
+        torch.tensor([1.0, 0.5, 1.0]),
+        [np.float32(1), 0.5, 1],
+    ],
+    ids=["mixed numbers", "tuple", "numpy", "tensor", "numpy scalars"],
+)
+def test_numbers_in_any_sequence_are_scores(values):
+    assert scored(values) == [1.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("values", "shown"),
+    [
+        ([1.0, None, 0.0], "None"),
+        ([1.0, math.nan, 0.0], "nan"),
+        ([1.0, -math.inf, 0.0], "-inf"),
+        ([1.0, "0.5", 0.0], "'0.5'"),
+    ],
+    ids=["None", "nan", "inf", "a string"],
+)
+def test_a_bad_score_names_the_function_the_response_and_the_value(values, shown):
+    with pytest.raises(TrainingError) as err:
+        scored(values)
+    message = str(err.value)
+    assert message.startswith(
+        f"ppo.reward_fn=m:f returned {shown} for response 1 of 3; a score must be a finite number"
+    )
+    assert "prompt 'p1'" in message
+    assert "response 'a long answer a long answer" in message and "...'" in message and len(message) < 400
+
+
+@pytest.mark.parametrize(
+    ("values", "culprit"),
+    [
+        (1.0, "it returned float"),
+        ("abc", "it returned str"),
+        ({"a": 1}, "it returned dict"),
+        ([1.0], "returned 1 scores for 3"),
+    ],
+)
+def test_a_result_that_is_not_one_score_per_response(values, culprit):
+    with pytest.raises(TrainingError, match=culprit):
+        scored(values)
+
+
+def test_an_exception_keeps_its_traceback_and_says_whose_call_it_was():
+    def broken(prompts, responses):
+        return [1 / 0 for _ in responses]
+
+    with pytest.raises(ZeroDivisionError) as err:
+        ScoreFunction(broken, "pipeline.gold_fn=m:broken")(PROMPTS, RESPONSES)
+    assert err.value.__notes__ == ["align: raised by pipeline.gold_fn=m:broken scoring a batch of 3 responses"]
+    assert any(entry.name == "broken" for entry in err.traceback)  # down into the user's function
+
+
+def test_import_names_the_key_and_the_spec():
+    fn = import_reward_fn("tests.rewards:brevity", "ppo.reward_fn")
+    assert fn.key == "ppo.reward_fn=tests.rewards:brevity"
+    assert fn(["p", "q"], ["", "one two"]) == [1.0, 0.8]
+    with pytest.raises(ConfigError, match="must have the form module:function"):
+        import_reward_fn("tests.rewards.brevity", "ppo.reward_fn")
+    with pytest.raises(ConfigError, match="not callable"):
+        import_reward_fn("tests.rewards:__doc__", "ppo.reward_fn")
+
+
+COLUMNS = [{"answer": "1", "id": 0}, {"answer": "2", "id": 1}, {"id": 2}]
+
+
+def test_named_columns_reach_the_function_one_value_per_response():
+    seen = {}
+
+    def exact(prompts, completions, answer, unit="", *, level=None):
+        seen.update(answer=answer, unit=unit, level=level)
+        return [float(a is not None) for a in answer]
+
+    fn = ScoreFunction.wrap(exact, "ppo.reward_fn=m:exact")
+    assert (fn.named_columns, fn.required_columns) == ({"answer", "unit", "level"}, {"answer"})
+    assert fn(PROMPTS, RESPONSES, COLUMNS) == [1.0, 1.0, 0.0]
+    assert seen == {"answer": ["1", "2", None], "unit": "", "level": None}  # absent columns keep their defaults
+
+
+def test_kwargs_take_every_column_except_the_first_two_parameter_names():
+    seen = {}
+
+    def everything(prompts, responses, **kwargs):
+        seen.update(kwargs)
+        return [0.0] * len(responses)
+
+    ScoreFunction.wrap(everything, "k")(PROMPTS, RESPONSES, [{**row, "prompts": "clash"} for row in COLUMNS])
+    assert seen == {"answer": ["1", "2", None], "id": [0, 1, 2]}
+
+
+def test_two_argument_functions_get_no_columns():
+    fn = ScoreFunction.wrap(lambda p, r: [1.0] * len(r), "k")
+    assert fn(PROMPTS, RESPONSES, COLUMNS) == [1.0, 1.0, 1.0]
+    assert ScoreFunction.wrap(max, "k") == ScoreFunction(max, "k")  # a builtin without a signature: no columns
+
+
+def test_a_required_column_absent_from_the_data_fails_before_any_compute():
+    fn = ScoreFunction.wrap(lambda prompts, responses, answer, source=None: [], "ppo.reward_fn=m:f")
+    fn.check_columns({"answer", "id"}, "data.recipe=qa.yaml")
+    with pytest.raises(ConfigError) as err:
+        fn.check_columns({"solution", "id"}, "data.recipe=qa.yaml")
+    assert str(err.value) == (
+        "ppo.reward_fn=m:f takes 'answer', which no prompt row of data.recipe=qa.yaml has "
+        "(their other columns: id, solution)"
+    )
