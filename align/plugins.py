@@ -20,9 +20,11 @@ class ScoreFunction:
 
     Like TRL's reward functions it may take the prompt rows' other columns by name (``answer``
     for a verifiable reward) or all of them with ``**kwargs``: each is a list with one value per
-    response (None where a row lacks it). What it returns is checked: one finite number per
-    response. A bad score stops the run naming the function, the response and the value; a
-    silently wrong reward would train the policy on it.
+    response (None where a row lacks it). A function with a ``completions`` parameter is written
+    for TRL, which passes everything by keyword, so it is called that way (``prompts=``,
+    ``completions=``); positionally its arguments could land in the wrong parameters. What it
+    returns is checked: one finite number per response. A bad score stops the run naming the
+    function, the response and the value; a silently wrong reward would train the policy on it.
     """
 
     fn: RewardFn
@@ -30,7 +32,9 @@ class ScoreFunction:
     named_columns: frozenset[str] = frozenset()  # its parameters after (prompts, responses)
     required_columns: frozenset[str] = frozenset()  # ... those without a default
     all_columns: bool = False  # it takes **kwargs
-    reserved: tuple[str, ...] = ()  # the names of its first two parameters
+    reserved: tuple[str, ...] = ()  # the names its prompts and responses are passed as
+    by_keyword: bool = False  # TRL's convention: prompts=, completions=
+    takes_prompts: bool = True
 
     @classmethod
     def wrap(cls, fn: RewardFn, key: str) -> ScoreFunction:
@@ -38,15 +42,22 @@ class ScoreFunction:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):  # a builtin without a signature: two arguments, no columns
             return cls(fn, key)
-        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
-        named = [p for p in params if p not in positional and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        by_keyword = any(p.name == "completions" for p in params)
+        if by_keyword:
+            reserved = ("prompts", "completions")
+        else:
+            reserved = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[:2]
+        named = [p for p in params if p.name not in reserved and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        all_columns = any(p.kind is p.VAR_KEYWORD for p in params)
         return cls(
             fn,
             key,
             named_columns=frozenset(p.name for p in named),
             required_columns=frozenset(p.name for p in named if p.default is p.empty),
-            all_columns=any(p.kind is p.VAR_KEYWORD for p in params),
-            reserved=tuple(p.name for p in positional),
+            all_columns=all_columns,
+            reserved=reserved,
+            by_keyword=by_keyword,
+            takes_prompts=not by_keyword or all_columns or any(p.name == "prompts" for p in params),
         )
 
     def check_columns(self, available: set[str], data: str) -> None:
@@ -64,7 +75,11 @@ class ScoreFunction:
     ) -> list[float]:
         kwargs = self._column_arguments(columns) if columns is not None else {}
         try:
-            values = self.fn(prompts, responses, **kwargs)
+            if self.by_keyword:
+                given = {"prompts": prompts} if self.takes_prompts else {}
+                values = self.fn(completions=responses, **given, **kwargs)
+            else:
+                values = self.fn(prompts, responses, **kwargs)
         except Exception as exc:
             # The user's own traceback is what helps here, so it is kept; this says whose call it was.
             exc.add_note(f"align: raised by {self.key} scoring a batch of {len(responses)} responses")

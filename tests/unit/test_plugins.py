@@ -128,3 +128,24 @@ def test_a_required_column_absent_from_the_data_fails_before_any_compute():
         "ppo.reward_fn=m:f takes 'answer', which no prompt row of data.recipe=qa.yaml has "
         "(their other columns: id, solution)"
     )
+
+
+def test_a_function_written_for_trl_is_called_by_keyword():
+    """TRL calls reward functions as fn(prompts=..., completions=..., **columns); a positional call
+    would hand such a function (completions, solution, **kwargs) the prompts as completions."""
+    seen = {}
+
+    def accuracy_reward(completions, solution, **kwargs):
+        seen.update(completions=completions, solution=solution, **kwargs)
+        return [float(c.endswith(s)) for c, s in zip(completions, solution, strict=True)]
+
+    fn = ScoreFunction.wrap(accuracy_reward, "ppo.reward_fn=m:accuracy_reward")
+    assert fn.required_columns == {"solution"}
+    columns = [{"solution": "0", "id": 0}, {"solution": "x", "id": 1}, {"solution": "2", "id": 2}]
+    assert fn(PROMPTS, RESPONSES, columns) == [1.0, 0.0, 1.0]
+    assert seen == {"completions": RESPONSES, "solution": ["0", "x", "2"], "prompts": PROMPTS, "id": [0, 1, 2]}
+
+    def no_prompts(completions):
+        return [1.0] * len(completions)
+
+    assert ScoreFunction.wrap(no_prompts, "k")(PROMPTS, RESPONSES, columns) == [1.0, 1.0, 1.0]
