@@ -273,6 +273,59 @@ def score_conversations(
     return score_token_ids(model, sequences, tokenizer.pad_token_id, batch_size).tolist()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def own_tokenizer(path: str, policy_tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase | None:
+    """The reward model's tokenizer when it would read the policy's token ids differently (another
+    vocabulary, chat template or end-of-turn token, as with a public reward model of another
+    family); None when the ids can be scored as they are. A folder without tokenizer files is
+    taken to share the policy's."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    tokenizer = models.load_tokenizer(ModelConfig(name_or_path=path))
+    same = (
+        tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+        and tokenizer.chat_template == policy_tokenizer.chat_template
+        and tokenizer.eos_token == policy_tokenizer.eos_token
+    )
+    if same:
+        return None
+    vocab = models.load_model_config(ModelConfig(name_or_path=path)).vocab_size
+    if len(tokenizer) > vocab:
+        # load_tokenizer gave a template-less tokenizer ChatML tokens this model has never seen.
+        raise ModelError(
+            f"reward model '{path}' has no chat template (its tokenizer has {len(tokenizer)} tokens with ChatML, "
+            f"the model {vocab}); PPO renders each prompt and response with the reward model's template"
+        )
+    return tokenizer
+
+
+@torch.no_grad()
+def text_rewards(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[dict[str, str]]],
+    responses: list[str],
+    ended: list[bool],
+    device: torch.device,
+) -> Tensor:
+    """``[N]`` rewards of prompts (messages) and response texts through the reward model's own
+    tokenizer and chat template. A response that ended is a whole assistant turn, read at its
+    end-of-turn token as in training; one cut off at the length limit is the prompt's generation
+    header and the text, without an end of turn, as the policy's own tokens were."""
+    sequences = []
+    for prompt, response, finished in zip(prompts, responses, ended, strict=True):
+        if finished:
+            text = render(tokenizer, [*prompt, {"role": "assistant", "content": response}], False)
+            sequences.append(trim_to_end_of_turn(encode(tokenizer, text), tokenizer.eos_token_id))
+        else:
+            sequences.append(encode(tokenizer, render(tokenizer, prompt, True) + response))
+    ids, mask = pad_batch(sequences, tokenizer.pad_token_id)
+    return rewards_at_last_token(model, ids.to(device), mask.to(device))
+
+
 # --- training --------------------------------------------------------------------------------------
 
 

@@ -87,7 +87,7 @@ def _evaluation_inputs(config: AlignConfig, outputs: dict[str, Path], prompts_fi
 
 def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, prompts) -> dict[str, float]:
     """Sample once per held-out prompt from each policy with the same seed and settings."""
-    from align.reward_model import load_reward_model, rewards_at_last_token
+    from align.reward_model import load_reward_model, own_tokenizer, rewards_at_last_token, text_rewards
 
     sft_dir = outputs["sft"] / "final" if "sft" in outputs else None
     ppo_dir = outputs["ppo"] / "final"
@@ -95,6 +95,7 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
     texts = [row["prompt"][-1]["content"] for row in prompts]
     columns = [read_other_columns(row) for row in prompts]
     reward_model = load_reward_model(str(outputs["rm"] / "final")).eval() if "rm" in outputs else None
+    reward_tokenizer = own_tokenizer(str(outputs["rm"] / "final"), tokenizer) if "rm" in outputs else None
     gold = import_reward_fn(config.pipeline.gold_fn, "pipeline.gold_fn") if config.pipeline.gold_fn else None
     if gold is not None and gold.required_columns:
         gold.check_columns(other_column_names(prompts), f"pipeline.eval_prompts={config.pipeline.eval_prompts}")
@@ -121,8 +122,12 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
             for r, m in zip(rollout.input_ids[:, rollout.prompt_len :], rollout.response_mask, strict=True)
         ]
         with torch.no_grad():
-            if reward_model is not None:
+            if reward_model is not None and reward_tokenizer is None:
                 scores = rewards_at_last_token(reward_model, rollout.input_ids, rollout.attention_mask)
+            elif reward_model is not None:  # PPO read it through its own tokenizer too (stages/ppo.py)
+                ended = rollout.ended_with_eos.tolist()
+                messages = [row["prompt"] for row in prompts]
+                scores = text_rewards(reward_model, reward_tokenizer, messages, responses, ended, torch.device("cpu"))
                 result[f"proxy_{name}"] = scores.float().mean().item()
         if gold is not None:
             result[f"gold_{name}"] = sum(gold(texts, responses, columns)) / len(responses)

@@ -48,7 +48,7 @@ from align.ppo.placement import Placement, TrainedModel
 from align.ppo.rewards import penalize_missing_eos, per_token_rewards
 from align.ppo.rollout import Rollout, sample
 from align.preemption import Preemption
-from align.reward_model import row_rewards
+from align.reward_model import own_tokenizer, row_rewards, text_rewards
 from align.rows import Rows, can_pack, enable_packing, make_rows
 from align.tracking import Tracker
 
@@ -72,6 +72,14 @@ def run(config: AlignConfig) -> dict[str, float]:
     tracker = Tracker(config, out, is_main=accelerator.is_main_process)
 
     tokenizer = models.load_tokenizer(policy_cfg)
+    reward_tokenizer = own_tokenizer(ppo.reward_model, tokenizer) if ppo.reward_model else None
+    if reward_tokenizer is not None:
+        if ppo.value_init == "reward_model":
+            raise ConfigError(
+                f"ppo.reward_model '{ppo.reward_model}' has another tokenizer than the policy, so a value model "
+                "initialised from it could not read the policy's tokens; set ppo.value_init=policy"
+            )
+        log.info("ppo.reward_model has its own tokenizer: each response is rendered again with its chat template")
     prompt_data = load_recipe_data(
         config.data.recipe,
         "prompt",
@@ -141,7 +149,8 @@ def run(config: AlignConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         batch = [prompts[i] for i in sampler.next_indices()]
         prompt_ids = [row["prompt_input_ids"] for row in batch for _ in range(ppo.responses_per_prompt)]
-        prompt_texts = [row["prompt"][-1]["content"] for row in batch for _ in range(ppo.responses_per_prompt)]
+        prompt_messages = [row["prompt"] for row in batch for _ in range(ppo.responses_per_prompt)]
+        prompt_texts = [messages[-1]["content"] for messages in prompt_messages]
         columns = [read_other_columns(row) for row in batch for _ in range(ppo.responses_per_prompt)]
 
         # 1. Rollout (under ZeRO-3 the policy is gathered once for the whole batch).
@@ -161,12 +170,13 @@ def run(config: AlignConfig) -> dict[str, float]:
         # 2-3. Score, KL penalty, advantages. The critic warms up alone first (Qwen: 50 steps).
         train_policy = step >= ppo.value_warmup_steps
         responses = decode_responses(tokenizer, rollout)
+        episodes = Episodes(prompt_messages, prompt_texts, responses, rollout.ended_with_eos.tolist(), columns)
         rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=packed)
         first_forward = score_forward(policy, value, rows, ppo.temperature, config, train_policy)
         old_logp, old_values = first_forward.logp.detach(), first_forward.values.detach()
         with torch.no_grad():
             ref_logp = reference_logprobs(reference, policy, rows, ppo.temperature)
-            scores, score_parts = score_rollout(reward_model, reward_fn, rows, prompt_texts, responses, columns)
+            scores, score_parts = score_rollout(reward_model, reward_tokenizer, reward_fn, rows, episodes)
         if ppo.missing_eos_penalty is not None:
             scores = penalize_missing_eos(scores, rollout.ended_with_eos, ppo.missing_eos_penalty)
         norm_scores = (
@@ -393,16 +403,28 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     ]
 
 
-def score_rollout(
-    reward_model, reward_fn, rows: Rows, prompts: list[str], responses: list[str], columns: list[dict[str, Any]]
-):
+@dataclass
+class Episodes:
+    """A rollout as text, for reward functions and a reward model with its own tokenizer."""
+
+    prompts: list[list[dict[str, str]]]  # each prompt's messages
+    prompt_texts: list[str]  # its last user turn
+    responses: list[str]
+    ended: list[bool]  # stopped at EOS
+    columns: list[dict[str, Any]]  # the prompt rows' other columns
+
+
+def score_rollout(reward_model, reward_tokenizer, reward_fn, rows: Rows, episodes: Episodes):
     """Sum of the reward model's score (at the last real token) and the reward function's."""
     parts: dict[str, torch.Tensor] = {}
     device = rows.input_ids.device
-    if reward_model is not None:
+    e = episodes
+    if reward_model is not None and reward_tokenizer is None:
         parts["model"] = row_rewards(reward_model, rows)
+    elif reward_model is not None:
+        parts["model"] = text_rewards(reward_model, reward_tokenizer, e.prompts, e.responses, e.ended, device)
     if reward_fn is not None:
-        parts["fn"] = torch.tensor(reward_fn(prompts, responses, columns), device=device)
+        parts["fn"] = torch.tensor(reward_fn(e.prompt_texts, e.responses, e.columns), device=device)
     return sum(parts.values()), parts
 
 

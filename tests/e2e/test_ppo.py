@@ -9,8 +9,12 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from align import models
+from align.config import ModelConfig
+from align.reward_model import load_reward_model, text_rewards
 from tests.conftest import REPO, align_env, read_log, read_metrics
 from tests.e2e.test_errors import assert_one_line_error
+from tests.unit.test_reward_tokenizer import reward_model_of_another_tokenizer
 
 BREVITY = "ppo.reward_fn=tests.rewards:brevity"
 
@@ -194,6 +198,32 @@ def test_the_reward_fn_gets_each_prompt_rows_other_columns(run_align, tmp_path):
         f"output_dir={out}",
     )
     assert [r["ppo/reward_raw"] for r in read_log(out)] == [1.0, 1.0, 1.0]
+
+
+def test_a_reward_model_with_another_tokenizer_scores_the_responses_as_text(run_align, tmp_path):
+    rm = reward_model_of_another_tokenizer(tmp_path / "rm")
+    common = ["stage=ppo", f"ppo.reward_model={rm}", "ppo.prompts_per_step=2", "train.batch_size=2"]
+    # The value model reads the policy's tokens: it cannot start from this reward model.
+    refused = run_align(*common, f"output_dir={tmp_path / 'refused'}", check=False)
+    assert_one_line_error(refused, "ConfigError", "has another tokenizer than the policy")
+
+    out = tmp_path / "ppo"
+    run_align(*common, "ppo.value_init=policy", "ppo.max_new_tokens=6", "train.max_steps=2", "ppo.sample_every=1",
+              f"output_dir={out}")  # fmt: skip
+    assert "has its own tokenizer" in (out / "cli.log").read_text()
+    # Each logged reward is the reward model's reading of the prompt and response text in its own
+    # tokens: a whole assistant turn if the response ended, the generation header and text if cut off.
+    tokenizer = models.load_tokenizer(ModelConfig(name_or_path=str(rm)))
+    model = load_reward_model(str(rm)).eval()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8
+    for sample in samples:
+        prompt = [{"role": "user", "content": sample["prompt"]}]
+        readings = [
+            text_rewards(model, tokenizer, [prompt], [sample["response"]], [ended], torch.device("cpu")).item()
+            for ended in (True, False)
+        ]
+        assert min(abs(sample["reward"] - r) for r in readings) < 1e-4, (sample, readings)
 
 
 POISONED_PPO = [
