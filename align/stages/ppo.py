@@ -266,6 +266,19 @@ def run(config: AlignConfig) -> dict[str, float]:
     return final_metrics
 
 
+# PPO samples from the policy, so a temperature of 0 (greedy) has no log-probs to train on.
+_RANGES = [
+    ("temperature", lambda v: v > 0, "above 0 (1.0 samples the policy as it is)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    *((key, lambda v: v >= 1, "at least 1") for key in ("prompts_per_step", "responses_per_prompt", "max_new_tokens")),
+    ("epochs", lambda v: v >= 1, "at least 1"),
+    *((key, lambda v: 0 <= v <= 1, "in [0, 1]") for key in ("gamma", "lam")),
+    *((key, lambda v: v > 0, "above 0") for key in ("clip_eps", "value_clip", "value_lr", "reward_clip")),
+    *((key, lambda v: v > 0, "above 0") for key in ("kl_target", "kl_horizon")),
+    *((key, lambda v: v >= 0, "0 or more") for key in ("kl_coef", "ptx_coef", "value_warmup_steps", "sample_every")),
+]
+
+
 def check_config(config: AlignConfig) -> None:
     ppo = config.ppo
     if not ppo.reward_model and not ppo.reward_fn:
@@ -274,6 +287,10 @@ def check_config(config: AlignConfig) -> None:
         raise ConfigError(f"ppo.value_init must be reward_model or policy, not '{ppo.value_init}'")
     if ppo.kl_estimator not in ("k1", "k3"):
         raise ConfigError(f"ppo.kl_estimator must be k1 or k3, not '{ppo.kl_estimator}'")
+    for key, ok, rule in _RANGES:
+        value = getattr(ppo, key)
+        if value is not None and not ok(value):
+            raise ConfigError(f"ppo.{key} must be {rule}, not {value}")
     episodes = ppo.prompts_per_step * ppo.responses_per_prompt
     mini = episodes // max(ppo.mini_batches, 1)
     if ppo.mini_batches < 1 or episodes % ppo.mini_batches or mini % config.train.batch_size:

@@ -235,10 +235,8 @@ def test_prompt_rows_carry_their_other_columns(tmp_path, tok):
         + json.dumps({"question": "2 + 2?", "answer": "four", "meta": {"level": 2}}) + "\n"
         + json.dumps({"question": "3 + 3?", "answer": "6"}) + "\n"
     )  # fmt: skip
-    (tmp_path / "chat.jsonl").write_text(
-        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "id": 7})
-        + "\n"
-    )
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat, "id": 7}) + "\n")
     sources = [
         {"path": "qa.jsonl", "format": "prompt", "columns": {"prompt": "question"}},
         {"path": "chat.jsonl", "format": "messages"},
