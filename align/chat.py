@@ -69,3 +69,28 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
             )
         mask[start : len(prefix)] = [1] * (len(prefix) - start)
     return {"input_ids": input_ids, "assistant_masks": mask}
+
+
+_PROBE = "align probe 7f3a"
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that closes an assistant turn in the chat template: ChatML ``<|im_end|>``, Llama 3
+    ``<|eot_id|>``, Gemma ``<end_of_turn>``. A policy finetuned on rendered conversations learns to
+    emit it, which is not always the tokenizer's EOS (Llama 3 base: ``<|end_of_text|>``). The EOS
+    when the template writes no special token right after the assistant's text."""
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = render(tokenizer, conversation, generation_prompt=False)
+    except Exception:  # a template with rules of its own (a system turn first, ...): nothing to learn here
+        return tokenizer.eos_token_id
+    if _PROBE not in text:
+        return tokenizer.eos_token_id
+    after = encode(tokenizer, text.rsplit(_PROBE, 1)[1])
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return after[0] if after and after[0] in special else tokenizer.eos_token_id
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Where sampling stops: the tokenizer's EOS and the template's end of turn, when they differ."""
+    return list(dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(tokenizer)]))

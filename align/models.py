@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from align.chat import ensure_chat_template
+from align.chat import ensure_chat_template, stop_token_ids
 from align.config import ModelConfig, PeftConfig
 from align.errors import ConfigError, ModelError
 
@@ -117,7 +117,8 @@ def load_causal_lm(
     model.config.eos_token_id = tokenizer.eos_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        stops = stop_token_ids(tokenizer)  # generate stops at the end of a turn too
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     return model
 
 

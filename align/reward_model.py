@@ -27,7 +27,7 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from align import models
-from align.chat import encode, render
+from align.chat import encode, end_of_turn_id, render
 from align.config import ModelConfig, PeftConfig
 from align.errors import ModelError
 from align.rows import PaddedRows, Rows
@@ -167,12 +167,12 @@ def row_rewards(model: torch.nn.Module, rows: Rows) -> Tensor:
     return head(hidden.to(head.weight.dtype if hasattr(head, "weight") else hidden.dtype)).squeeze(-1).float()
 
 
-def trim_to_end_of_turn(input_ids: Sequence[int], eos_token_id: int) -> list[int]:
-    """Cut a rendered conversation after its last EOS (ChatML writes ``<|im_end|>\\n``), so the
-    reward is read at the end-of-turn token, as it is for a PPO response that stops at EOS."""
+def trim_to_end_of_turn(input_ids: Sequence[int], end_of_turn: int) -> list[int]:
+    """Cut a rendered conversation after its last end-of-turn token (ChatML writes ``<|im_end|>\\n``,
+    see chat.end_of_turn_id), so the reward is read there, as it is for a PPO response that stops there."""
     ids = list(input_ids)
     for i in range(len(ids) - 1, -1, -1):
-        if ids[i] == eos_token_id:
+        if ids[i] == end_of_turn:
             return ids[: i + 1]
     return ids
 
@@ -267,7 +267,7 @@ def score_conversations(
     tokenizer = models.load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
     model = load_reward_model(model_dir, tokenizer)
     sequences = [
-        trim_to_end_of_turn(encode(tokenizer, render(tokenizer, conv, False)), tokenizer.eos_token_id)
+        trim_to_end_of_turn(encode(tokenizer, render(tokenizer, conv, False)), end_of_turn_id(tokenizer))
         for conv in conversations
     ]
     return score_token_ids(model, sequences, tokenizer.pad_token_id, batch_size).tolist()
@@ -319,7 +319,7 @@ def text_rewards(
     for prompt, response, finished in zip(prompts, responses, ended, strict=True):
         if finished:
             text = render(tokenizer, [*prompt, {"role": "assistant", "content": response}], False)
-            sequences.append(trim_to_end_of_turn(encode(tokenizer, text), tokenizer.eos_token_id))
+            sequences.append(trim_to_end_of_turn(encode(tokenizer, text), end_of_turn_id(tokenizer)))
         else:
             sequences.append(encode(tokenizer, render(tokenizer, prompt, True) + response))
     ids, mask = pad_batch(sequences, tokenizer.pad_token_id)
@@ -337,14 +337,14 @@ def pairwise_loss(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None
     return -torch.nn.functional.logsigmoid(diff).mean()
 
 
-def reward_rows(dataset, eos_token_id: int):
+def reward_rows(dataset, end_of_turn: int):
     """Preference rows from ``load_recipe_data`` -> with ``chosen_ids`` / ``rejected_ids`` cut at the
     end-of-turn token (the columns TRL's RewardTrainer and ``score_pairs`` read)."""
 
     def cut(row):
         return {
-            "chosen_ids": trim_to_end_of_turn(row["chosen_input_ids"], eos_token_id),
-            "rejected_ids": trim_to_end_of_turn(row["rejected_input_ids"], eos_token_id),
+            "chosen_ids": trim_to_end_of_turn(row["chosen_input_ids"], end_of_turn),
+            "rejected_ids": trim_to_end_of_turn(row["rejected_input_ids"], end_of_turn),
         }
 
     return dataset.map(cut, remove_columns=["chosen_input_ids", "rejected_input_ids"])

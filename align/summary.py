@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from align.chat import stop_token_ids
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.data.formats import other_column_names, read_other_columns
@@ -110,7 +111,7 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
             model,
             ids,
             pad_id=tokenizer.pad_token_id,
-            eos_ids=[tokenizer.eos_token_id],
+            eos_ids=stop_token_ids(tokenizer),
             max_new_tokens=config.pipeline.eval_max_new_tokens,
             temperature=config.ppo.temperature,
             top_p=config.ppo.top_p,

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, get_scheduler
 
 from align import models, rundir
+from align.chat import stop_token_ids
 from align.config import AlignConfig
 from align.data import load_recipe_data
 from align.data.formats import other_column_names, read_other_columns
@@ -159,7 +160,7 @@ def run(config: AlignConfig) -> dict[str, float]:
                 whole_policy,
                 prompt_ids,
                 pad_id=tokenizer.pad_token_id,
-                eos_ids=[tokenizer.eos_token_id],
+                eos_ids=stop_token_ids(tokenizer),
                 max_new_tokens=ppo.max_new_tokens,
                 temperature=ppo.temperature,
                 top_p=ppo.top_p,

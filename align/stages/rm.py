@@ -24,6 +24,7 @@ from trl import RewardConfig, RewardTrainer
 
 from align import models, rundir
 from align import reward_model as rm
+from align.chat import end_of_turn_id
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.errors import DataError, Preempted
@@ -95,8 +96,8 @@ def run(config: AlignConfig) -> dict[str, float]:
     )
     if config.rm.margin and "margin" not in data.train.column_names:
         raise DataError(f"rm.margin=true, but recipe '{config.data.recipe}' has no `margin` column")
-    train = rm.reward_rows(data.train, tokenizer.eos_token_id)
-    held_out = rm.reward_rows(data.eval, tokenizer.eos_token_id) if data.eval is not None else None
+    train = rm.reward_rows(data.train, end_of_turn_id(tokenizer))
+    held_out = rm.reward_rows(data.eval, end_of_turn_id(tokenizer)) if data.eval is not None else None
     args = RewardConfig(
         **hf_training_kwargs(config, has_eval=held_out is not None),
         max_length=config.train.max_length,

@@ -17,6 +17,7 @@ import torch
 
 from align import models, rundir
 from align import reward_model as rm
+from align.chat import end_of_turn_id
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.errors import ConfigError, ModelError
@@ -43,7 +44,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         cache_dir=config.data.cache_dir,
     )
     parts = [data.train] if data.eval is None else [data.train, data.eval]
-    pairs = rm.reward_rows(datasets.concatenate_datasets(parts), tokenizer.eos_token_id)
+    pairs = rm.reward_rows(datasets.concatenate_datasets(parts), end_of_turn_id(tokenizer))
     out = rundir.prepare(config)
     tracker = Tracker(config, out)
 

@@ -5,9 +5,11 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from align import models
 from align.config import ModelConfig
@@ -224,6 +226,40 @@ def test_a_reward_model_with_another_tokenizer_scores_the_responses_as_text(run_
             for ended in (True, False)
         ]
         assert min(abs(sample["reward"] - r) for r in readings) < 1e-4, (sample, readings)
+
+
+def _policy_that_ends_at_once(folder: Path) -> Path:
+    """A tiny policy that answers <|im_end|> at once, with <|endoftext|> as its tokenizer's EOS (as a
+    base model's): only a stop at the chat template's end of turn ends its responses. No layer adds
+    to the residual stream and every embedding leans one way, so the final state picks <|im_end|>."""
+    tiny = REPO / "align" / "assets" / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0  # tied: the LM head reads the same rows
+        model.model.embed_tokens.weight[end_of_turn, 0] = 50.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+    model.save_pretrained(folder)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_sampling_stops_at_the_templates_end_of_turn(run_align, tmp_path):
+    policy = _policy_that_ends_at_once(tmp_path / "policy")
+    out = tmp_path / "ppo"
+    run_align("stage=ppo", BREVITY, f"ppo.policy={policy}", "ppo.prompts_per_step=2", "train.batch_size=2",
+              "ppo.max_new_tokens=8", "train.max_steps=1", f"output_dir={out}")  # fmt: skip
+    (step,) = read_log(out)
+    assert (step["ppo/response_length"], step["ppo/eos_rate"]) == (1.0, 1.0)
+    saved = json.loads((out / "final" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [0, 2]  # <|endoftext|> and <|im_end|>: generate stops there too
 
 
 POISONED_PPO = [

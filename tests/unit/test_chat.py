@@ -1,7 +1,7 @@
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from align.chat import CHATML_TEMPLATE, ensure_chat_template, tokenize_conversation
+from align.chat import CHATML_TEMPLATE, end_of_turn_id, ensure_chat_template, stop_token_ids, tokenize_conversation
 from align.config import REPO_ROOT
 
 TINY = REPO_ROOT / "align" / "assets" / "tiny"
@@ -65,3 +65,39 @@ def test_tokenizer_without_template_gets_chatml_and_tokens():
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
     # A tokenizer that already has a template is left alone.
     assert ensure_chat_template(tok) == 0
+
+
+LLAMA3_LIKE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def _tokenizer(template: str | None = None, eos: str = "<|im_end|>", extra: tuple[str, ...] = ()):
+    tok = AutoTokenizer.from_pretrained(TINY)
+    tok.add_tokens(list(extra), special_tokens=True)
+    tok.eos_token = eos
+    if template is not None:
+        tok.chat_template = template
+    return tok
+
+
+def test_the_end_of_turn_is_the_special_token_the_template_writes_after_an_answer():
+    chatml = _tokenizer()
+    assert end_of_turn_id(chatml) == chatml.convert_tokens_to_ids("<|im_end|>") == chatml.eos_token_id
+    assert stop_token_ids(chatml) == [chatml.eos_token_id]
+    # A base tokenizer's EOS ends documents, the template's token ends turns: sampling stops at both.
+    base = _tokenizer(eos="<|endoftext|>")
+    assert stop_token_ids(base) == [
+        base.convert_tokens_to_ids("<|endoftext|>"),
+        base.convert_tokens_to_ids("<|im_end|>"),
+    ]
+    llama = _tokenizer(LLAMA3_LIKE, "<|endoftext|>", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    assert end_of_turn_id(llama) == llama.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_without_a_special_token_after_the_answer_the_eos_ends_the_turn():
+    plain = _tokenizer("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    assert end_of_turn_id(plain) == plain.eos_token_id
+    strict = _tokenizer("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}")
+    assert end_of_turn_id(strict) == strict.eos_token_id

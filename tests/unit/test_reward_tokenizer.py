@@ -123,3 +123,29 @@ def test_the_pipeline_summary_reads_such_a_reward_model_as_ppo_does(tmp_path, po
     result = evaluate_policies(config, outputs, policy_tokenizer, prompts.train.select(range(3)))
     assert len(readings) == 2 and all(r.shape == (3,) for r in readings)  # the SFT and the PPO policy
     assert [result["proxy_sft"], result["proxy_ppo"]] == [r.mean().item() for r in readings]
+
+
+def test_a_reward_is_read_at_the_end_of_the_turn_even_when_eos_is_another_token(tmp_path):
+    """A base tokenizer's EOS (<|endoftext|>) is not in a rendered turn; the reward is read at the
+    template's end of turn (<|im_end|>), where a PPO response stops, not at the newline after it."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "rm"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(TINY, num_labels=1)).save_pretrained(
+        folder
+    )
+    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(folder)
+    conversation = [{"role": "user", "content": "Sort: 3 1"}, {"role": "assistant", "content": "1 3"}]
+    (got,) = score_conversations(str(folder), [conversation])
+    ids = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
+    assert tokenizer.convert_ids_to_tokens(ids[-2:]) == ["<|im_end|>", "Ċ"]
+    model = load_reward_model(str(folder)).eval()
+    with torch.no_grad():
+        at_end_of_turn, at_newline = (
+            rewards_at_last_token(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long)).item()
+            for row in (ids[:-1], ids)
+        )
+    assert got == pytest.approx(at_end_of_turn, abs=1e-6) and got != pytest.approx(at_newline, abs=1e-4)
