@@ -129,6 +129,7 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
                 ended = rollout.ended_with_eos.tolist()
                 messages = [row["prompt"] for row in prompts]
                 scores = text_rewards(reward_model, reward_tokenizer, messages, responses, ended, torch.device("cpu"))
+            if reward_model is not None:
                 result[f"proxy_{name}"] = scores.float().mean().item()
         if gold is not None:
             result[f"gold_{name}"] = sum(gold(texts, responses, columns)) / len(responses)

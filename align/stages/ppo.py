@@ -91,6 +91,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         cache_dir=config.data.cache_dir,
     )
     prompts = prompt_data.train
+    stop_ids = stop_token_ids(tokenizer)
     for fn in (reward_fn, monitor_fn):
         if fn is not None and fn.required_columns:
             fn.check_columns(other_column_names(prompts), f"data.recipe={config.data.recipe}")
@@ -160,7 +161,7 @@ def run(config: AlignConfig) -> dict[str, float]:
                 whole_policy,
                 prompt_ids,
                 pad_id=tokenizer.pad_token_id,
-                eos_ids=stop_token_ids(tokenizer),
+                eos_ids=stop_ids,
                 max_new_tokens=ppo.max_new_tokens,
                 temperature=ppo.temperature,
                 top_p=ppo.top_p,
@@ -428,7 +429,7 @@ class Episodes:
     prompts: list[list[dict[str, str]]]  # each prompt's messages
     prompt_texts: list[str]  # its last user turn
     responses: list[str]
-    ended: list[bool]  # stopped at EOS
+    ended: list[bool]  # stopped at EOS or the end of turn
     columns: list[dict[str, Any]]  # the prompt rows' other columns
 
 

@@ -96,8 +96,9 @@ def run(config: AlignConfig) -> dict[str, float]:
     )
     if config.rm.margin and "margin" not in data.train.column_names:
         raise DataError(f"rm.margin=true, but recipe '{config.data.recipe}' has no `margin` column")
-    train = rm.reward_rows(data.train, end_of_turn_id(tokenizer))
-    held_out = rm.reward_rows(data.eval, end_of_turn_id(tokenizer)) if data.eval is not None else None
+    end_of_turn = end_of_turn_id(tokenizer)
+    train = rm.reward_rows(data.train, end_of_turn)
+    held_out = rm.reward_rows(data.eval, end_of_turn) if data.eval is not None else None
     args = RewardConfig(
         **hf_training_kwargs(config, has_eval=held_out is not None),
         max_length=config.train.max_length,

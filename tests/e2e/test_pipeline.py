@@ -1,6 +1,7 @@
 """The default job, shortened: `python -m align` runs SFT -> RM -> PPO and reports the gain."""
 
 import json
+import math
 import shutil
 
 from align.reward_model import EXAMPLE_COLUMNS
@@ -37,6 +38,10 @@ def test_default_pipeline_runs_skips_and_reruns(run_align, tmp_path):
     summary = (out / "summary.md").read_text()
     for row in SUMMARY_ROWS:
         assert f"| {row} |" in summary, row
+    assert "n/a" not in summary, summary
+    numbers = json.loads((out / "eval.json").read_text())
+    for key in ("proxy_sft", "proxy_ppo", "gold_sft", "gold_ppo", "kl"):
+        assert math.isfinite(numbers[key]), key
     assert "Gold score" in first.stdout
     for png in ("ppo_reward_kl.png", "ppo_gold_vs_proxy.png", "rm_accuracy.png"):
         assert (out / png).stat().st_size > 1000, png
