@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, align_env
+from tests.unit.test_reward_tokenizer import reward_model_of_another_tokenizer
 
 TINY = REPO / "align" / "assets" / "tiny"
 EXIT = {"ConfigError": 2, "DataError": 3, "ModelError": 4, "CheckpointError": 5, "TrainingError": 6}
@@ -152,6 +153,8 @@ def bad(tmp_path_factory) -> Path:
     (root / "rm_run" / "config.yaml").write_text(f"stage_name: rm\nmodel:\n  name_or_path: {TINY}\n")
     (root / "not_a_checkpoint").mkdir()
     (root / "not_a_checkpoint" / "notes.txt").write_text("no trainer_state.json here\n")
+    # A reward model of another tokenizer, which the value model cannot start from.
+    reward_model_of_another_tokenizer(root / "foreign_rm")
     return root
 
 
@@ -185,6 +188,8 @@ STAGE_CASES = {
     "ppo no new tokens": ("ConfigError", "ppo.max_new_tokens must be at least 1", [*PPO, "ppo.max_new_tokens=0"]),
     "ppo discount above 1": ("ConfigError", "ppo.gamma must be in [0, 1], not 1.5", [*PPO, "ppo.gamma=1.5"]),
     "ppo negative KL": ("ConfigError", "ppo.kl_coef must be 0 or more", [*PPO, "ppo.kl_coef=-0.1"]),
+    "ppo value from a foreign RM": ("ConfigError", "has another tokenizer than the policy, so a value model",
+                                    ["stage=ppo", "ppo.reward_model={bad}/foreign_rm"]),
     "ppo rollout not divisible": ("ConfigError", "train.batch_size=2", [*PPO, "ppo.prompts_per_step=3",
                                   "ppo.responses_per_prompt=1", "train.batch_size=2"]),
     "ppo policy missing": ("ModelError", "'{bad}/nowhere' does not exist", [*PPO, "ppo.policy={bad}/nowhere"]),

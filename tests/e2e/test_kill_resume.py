@@ -40,12 +40,12 @@ STAGES = {
         "stage=ppo",
         "ppo.reward_fn=align.tasks.sorting:gold_reward",
         "ppo.value_warmup_steps=2",
-        "ppo.prompts_per_step=4",
-        "ppo.max_new_tokens=24",
+        "ppo.prompts_per_step=2",
+        "ppo.max_new_tokens=12",
         # Two shuffled passes in two mini-batches: the resumed run must draw the same shuffles.
         "ppo.epochs=2",
         "ppo.mini_batches=2",
-        "train.batch_size=4",
+        "train.batch_size=2",
     ],
 }
 TIMEOUT = 600

@@ -172,7 +172,7 @@ def test_a_reward_fn_returning_none_stops_the_run_naming_it(run_align, tmp_path)
         "ppo.prompts_per_step=2",
         "train.batch_size=2",
         "ppo.max_new_tokens=4",
-        "train.max_steps=2",
+        "train.max_steps=1",
         f"output_dir={tmp_path / 'ppo'}",
         check=False,
     )
@@ -203,14 +203,11 @@ def test_the_reward_fn_gets_each_prompt_rows_other_columns(run_align, tmp_path):
 
 
 def test_a_reward_model_with_another_tokenizer_scores_the_responses_as_text(run_align, tmp_path):
+    # The value model reads the policy's tokens, so it starts from the policy (test_errors.py: asked for).
     rm = reward_model_of_another_tokenizer(tmp_path / "rm")
-    common = ["stage=ppo", f"ppo.reward_model={rm}", "ppo.prompts_per_step=2", "train.batch_size=2"]
-    # The value model reads the policy's tokens: it cannot start from this reward model.
-    refused = run_align(*common, f"output_dir={tmp_path / 'refused'}", check=False)
-    assert_one_line_error(refused, "ConfigError", "has another tokenizer than the policy")
-
     out = tmp_path / "ppo"
-    run_align(*common, "ppo.value_init=policy", "ppo.max_new_tokens=6", "train.max_steps=2", "ppo.sample_every=1",
+    run_align("stage=ppo", f"ppo.reward_model={rm}", "ppo.value_init=policy", "ppo.prompts_per_step=2",
+              "train.batch_size=2", "ppo.max_new_tokens=6", "train.max_steps=2", "ppo.sample_every=1",
               f"output_dir={out}")  # fmt: skip
     assert "has its own tokenizer" in (out / "cli.log").read_text()
     # Each logged reward is the reward model's reading of the prompt and response text in its own

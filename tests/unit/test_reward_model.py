@@ -93,8 +93,8 @@ def test_pairwise_loss_and_metrics_by_hand():
 
 
 def test_trim_to_end_of_turn():
-    assert rm.trim_to_end_of_turn([1, 5, 2, 7, 2, 9], eos_token_id=2) == [1, 5, 2, 7, 2]
-    assert rm.trim_to_end_of_turn([1, 5, 7], eos_token_id=2) == [1, 5, 7]
+    assert rm.trim_to_end_of_turn([1, 5, 2, 7, 2, 9], end_of_turn=2) == [1, 5, 2, 7, 2]
+    assert rm.trim_to_end_of_turn([1, 5, 7], end_of_turn=2) == [1, 5, 7]
 
 
 @torch.no_grad()
