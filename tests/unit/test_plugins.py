@@ -92,7 +92,7 @@ COLUMNS = [{"answer": "1", "id": 0}, {"answer": "2", "id": 1}, {"id": 2}]
 def test_named_columns_reach_the_function_one_value_per_response():
     seen = {}
 
-    def exact(prompts, completions, answer, unit="", *, level=None):
+    def exact(prompts, responses, answer, unit="", *, level=None):
         seen.update(answer=answer, unit=unit, level=level)
         return [float(a is not None) for a in answer]
 
