@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Tests run two at a time (pytest-xdist, pyproject.toml) on 2 cores: one OpenMP thread per process,
+# or threads of two runs spin against each other. Set before any test imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def align_env(tmp_cache: Path, **extra: str) -> dict[str, str]:
