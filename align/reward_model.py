@@ -266,11 +266,14 @@ def score_conversations(
     """
     tokenizer = models.load_tokenizer(ModelConfig(name_or_path=str(model_dir)))
     model = load_reward_model(model_dir, tokenizer)
-    sequences = [
-        trim_to_end_of_turn(encode(tokenizer, render(tokenizer, conv, False)), end_of_turn_id(tokenizer))
-        for conv in conversations
-    ]
+    end_of_turn = end_of_turn_id(tokenizer)
+    sequences = [_turn_ids(tokenizer, conv, end_of_turn) for conv in conversations]
     return score_token_ids(model, sequences, tokenizer.pad_token_id, batch_size).tolist()
+
+
+def _turn_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, str]], end_of_turn: int) -> list[int]:
+    """A conversation rendered with the template, cut after its last end of turn: what the reward reads."""
+    return trim_to_end_of_turn(encode(tokenizer, render(tokenizer, conversation, False)), end_of_turn)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -315,15 +318,30 @@ def text_rewards(
     tokenizer and chat template. A response that ended is a whole assistant turn, read at its
     end-of-turn token as in training; one cut off at the length limit is the prompt's generation
     header and the text, without an end of turn, as the policy's own tokens were."""
-    sequences = []
-    for prompt, response, finished in zip(prompts, responses, ended, strict=True):
-        if finished:
-            text = render(tokenizer, [*prompt, {"role": "assistant", "content": response}], False)
-            sequences.append(trim_to_end_of_turn(encode(tokenizer, text), end_of_turn_id(tokenizer)))
-        else:
-            sequences.append(encode(tokenizer, render(tokenizer, prompt, True) + response))
+    end_of_turn = end_of_turn_id(tokenizer)
+    sequences = [
+        _turn_ids(tokenizer, [*prompt, {"role": "assistant", "content": response}], end_of_turn)
+        if finished
+        else encode(tokenizer, render(tokenizer, prompt, True) + response)
+        for prompt, response, finished in zip(prompts, responses, ended, strict=True)
+    ]
     ids, mask = pad_batch(sequences, tokenizer.pad_token_id)
     return rewards_at_last_token(model, ids.to(device), mask.to(device))
+
+
+def episode_rewards(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    rows: Rows,
+    prompts: list[list[dict[str, str]]],
+    responses: list[str],
+    ended: list[bool],
+) -> Tensor:
+    """``[N]`` rewards of sampled episodes: on the policy's token ids as they are, or as text through
+    the reward model's own tokenizer when `own_tokenizer` gave one."""
+    if tokenizer is None:
+        return row_rewards(model, rows)
+    return text_rewards(model, tokenizer, prompts, responses, ended, rows.input_ids.device)
 
 
 # --- training --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from align.data.formats import other_column_names, read_other_columns
 from align.models import load_causal_lm, load_tokenizer
 from align.plugins import import_reward_fn
 from align.ppo.forward import response_logprobs
-from align.ppo.rollout import sample
+from align.ppo.rollout import decode_responses, sample
 from align.rows import PaddedRows
 
 log = logging.getLogger("align.summary")
@@ -88,12 +88,13 @@ def _evaluation_inputs(config: AlignConfig, outputs: dict[str, Path], prompts_fi
 
 def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, prompts) -> dict[str, float]:
     """Sample once per held-out prompt from each policy with the same seed and settings."""
-    from align.reward_model import load_reward_model, own_tokenizer, rewards_at_last_token, text_rewards
+    from align.reward_model import episode_rewards, load_reward_model, own_tokenizer
 
     sft_dir = outputs["sft"] / "final" if "sft" in outputs else None
     ppo_dir = outputs["ppo"] / "final"
     ids = [row["prompt_input_ids"] for row in prompts]
-    texts = [row["prompt"][-1]["content"] for row in prompts]
+    messages = [row["prompt"] for row in prompts]
+    texts = [m[-1]["content"] for m in messages]
     columns = [read_other_columns(row) for row in prompts]
     reward_model = load_reward_model(str(outputs["rm"] / "final")).eval() if "rm" in outputs else None
     reward_tokenizer = own_tokenizer(str(outputs["rm"] / "final"), tokenizer) if "rm" in outputs else None
@@ -118,19 +119,13 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
             device=torch.device("cpu"),
         )
         rollouts[name] = (model, rollout)
-        responses = [
-            tokenizer.decode(r[m.bool()], skip_special_tokens=True)
-            for r, m in zip(rollout.input_ids[:, rollout.prompt_len :], rollout.response_mask, strict=True)
-        ]
-        with torch.no_grad():
-            if reward_model is not None and reward_tokenizer is None:
-                scores = rewards_at_last_token(reward_model, rollout.input_ids, rollout.attention_mask)
-            elif reward_model is not None:  # PPO read it through its own tokenizer too (stages/ppo.py)
-                ended = rollout.ended_with_eos.tolist()
-                messages = [row["prompt"] for row in prompts]
-                scores = text_rewards(reward_model, reward_tokenizer, messages, responses, ended, torch.device("cpu"))
-            if reward_model is not None:
-                result[f"proxy_{name}"] = scores.float().mean().item()
+        responses = decode_responses(tokenizer, rollout)
+        if reward_model is not None:  # read as PPO read it (stages/ppo.py)
+            rows = PaddedRows(rollout.input_ids, rollout.attention_mask)
+            ended = rollout.ended_with_eos.tolist()
+            with torch.no_grad():
+                scores = episode_rewards(reward_model, reward_tokenizer, rows, messages, responses, ended)
+            result[f"proxy_{name}"] = scores.mean().item()
         if gold is not None:
             result[f"gold_{name}"] = sum(gold(texts, responses, columns)) / len(responses)
     if "sft" in rollouts:

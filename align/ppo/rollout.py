@@ -23,6 +23,15 @@ class Rollout:
     prompt_len: int
 
 
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """Each response's text, without the padding after its end and without special tokens."""
+    response_ids = rollout.input_ids[:, rollout.prompt_len :]
+    return [
+        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        for ids, mask in zip(response_ids, rollout.response_mask, strict=True)
+    ]
+
+
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

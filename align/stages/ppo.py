@@ -47,9 +47,9 @@ from align.ppo.masked import masked_mean
 from align.ppo.normalize import RunningMoments, normalize_reward
 from align.ppo.placement import Placement, TrainedModel
 from align.ppo.rewards import penalize_missing_eos, per_token_rewards
-from align.ppo.rollout import Rollout, sample
+from align.ppo.rollout import Rollout, decode_responses, sample
 from align.preemption import Preemption
-from align.reward_model import own_tokenizer, row_rewards, text_rewards
+from align.reward_model import episode_rewards, own_tokenizer
 from align.rows import Rows, can_pack, enable_packing, make_rows
 from align.tracking import Tracker
 
@@ -151,9 +151,6 @@ def run(config: AlignConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         batch = [prompts[i] for i in sampler.next_indices()]
         prompt_ids = [row["prompt_input_ids"] for row in batch for _ in range(ppo.responses_per_prompt)]
-        prompt_messages = [row["prompt"] for row in batch for _ in range(ppo.responses_per_prompt)]
-        prompt_texts = [messages[-1]["content"] for messages in prompt_messages]
-        columns = [read_other_columns(row) for row in batch for _ in range(ppo.responses_per_prompt)]
 
         # 1. Rollout (under ZeRO-3 the policy is gathered once for the whole batch).
         with policy.for_generation() as whole_policy:
@@ -171,8 +168,12 @@ def run(config: AlignConfig) -> dict[str, float]:
 
         # 2-3. Score, KL penalty, advantages. The critic warms up alone first (Qwen: 50 steps).
         train_policy = step >= ppo.value_warmup_steps
-        responses = decode_responses(tokenizer, rollout)
-        episodes = Episodes(prompt_messages, prompt_texts, responses, rollout.ended_with_eos.tolist(), columns)
+        episodes = Episodes(
+            prompts=[row["prompt"] for row in batch for _ in range(ppo.responses_per_prompt)],
+            responses=decode_responses(tokenizer, rollout),
+            ended=rollout.ended_with_eos.tolist(),
+            columns=[read_other_columns(row) for row in batch for _ in range(ppo.responses_per_prompt)],
+        )
         rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=packed)
         first_forward = score_forward(policy, value, rows, ppo.temperature, config, train_policy)
         old_logp, old_values = first_forward.logp.detach(), first_forward.values.detach()
@@ -222,7 +223,7 @@ def run(config: AlignConfig) -> dict[str, float]:
             "ppo/reward_raw": scores.mean().item(),
             "ppo/reward_norm": norm_scores.mean().item(),
             **{f"ppo/reward_{name}": part.mean().item() for name, part in score_parts.items()},
-            **({"ppo/gold": sum(monitor_fn(prompt_texts, responses, columns)) / len(responses)} if monitor_fn else {}),
+            **({"ppo/gold": sum(monitor_fn(*episodes.scored())) / len(episodes.responses)} if monitor_fn else {}),
             "ppo/kl": seq_kl,
             "ppo/kl_k3": (kl_penalty(old_logp, ref_logp, "k3") * mask).sum(-1).mean().item(),
             "ppo/kl_coef": kl_ctl.value,
@@ -244,7 +245,8 @@ def run(config: AlignConfig) -> dict[str, float]:
         tracker.log(metrics, step=step + 1)
         bar.set_postfix(reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
         if ppo.sample_every and (step + 1) % ppo.sample_every == 0:
-            rows = [[p, r, float(s)] for p, r, s in zip(prompt_texts, responses, scores.tolist(), strict=True)]
+            texts = zip(episodes.prompt_texts, episodes.responses, scores.tolist(), strict=True)
+            rows = [[p, r, float(s)] for p, r, s in texts]
             tracker.log_table("ppo/samples", ["prompt", "response", "reward"], rows[:16], step=step + 1)
         preempted = preemption.agreed()
         periodic = config.train.save_steps and (step + 1) % config.train.save_steps == 0 and step + 1 < steps
@@ -272,11 +274,15 @@ def run(config: AlignConfig) -> dict[str, float]:
 _RANGES = [
     ("temperature", lambda v: v > 0, "above 0 (1.0 samples the policy as it is)"),
     ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    *((key, lambda v: v >= 1, "at least 1") for key in ("prompts_per_step", "responses_per_prompt", "max_new_tokens")),
-    ("epochs", lambda v: v >= 1, "at least 1"),
+    *(
+        (key, lambda v: v >= 1, "at least 1")
+        for key in ("prompts_per_step", "responses_per_prompt", "max_new_tokens", "epochs")
+    ),
     *((key, lambda v: 0 <= v <= 1, "in [0, 1]") for key in ("gamma", "lam")),
-    *((key, lambda v: v > 0, "above 0") for key in ("clip_eps", "value_clip", "value_lr", "reward_clip")),
-    *((key, lambda v: v > 0, "above 0") for key in ("kl_target", "kl_horizon")),
+    *(
+        (key, lambda v: v > 0, "above 0")
+        for key in ("clip_eps", "value_clip", "value_lr", "reward_clip", "kl_target", "kl_horizon")
+    ),
     *((key, lambda v: v >= 0, "0 or more") for key in ("kl_coef", "ptx_coef", "value_warmup_steps", "sample_every")),
 ]
 
@@ -414,36 +420,34 @@ def reference_logprobs(reference, policy, rows: Rows, temperature: float) -> tor
         return response_logprobs(policy, rows, temperature)[0]
 
 
-def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
-    response_ids = rollout.input_ids[:, rollout.prompt_len :]
-    return [
-        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-        for ids, mask in zip(response_ids, rollout.response_mask, strict=True)
-    ]
-
-
 @dataclass
 class Episodes:
     """A rollout as text, for reward functions and a reward model with its own tokenizer."""
 
     prompts: list[list[dict[str, str]]]  # each prompt's messages
-    prompt_texts: list[str]  # its last user turn
     responses: list[str]
     ended: list[bool]  # stopped at EOS or the end of turn
     columns: list[dict[str, Any]]  # the prompt rows' other columns
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        """Each prompt's last user turn: what reward functions get as the prompt."""
+        return [messages[-1]["content"] for messages in self.prompts]
+
+    def scored(self) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+        """The arguments of a reward function (align.plugins.ScoreFunction)."""
+        return self.prompt_texts, self.responses, self.columns
 
 
 def score_rollout(reward_model, reward_tokenizer, reward_fn, rows: Rows, episodes: Episodes):
     """Sum of the reward model's score (at the last real token) and the reward function's."""
     parts: dict[str, torch.Tensor] = {}
     device = rows.input_ids.device
-    e = episodes
-    if reward_model is not None and reward_tokenizer is None:
-        parts["model"] = row_rewards(reward_model, rows)
-    elif reward_model is not None:
-        parts["model"] = text_rewards(reward_model, reward_tokenizer, e.prompts, e.responses, e.ended, device)
+    if reward_model is not None:
+        e = episodes
+        parts["model"] = episode_rewards(reward_model, reward_tokenizer, rows, e.prompts, e.responses, e.ended)
     if reward_fn is not None:
-        parts["fn"] = torch.tensor(reward_fn(e.prompt_texts, e.responses, e.columns), device=device)
+        parts["fn"] = torch.tensor(reward_fn(*episodes.scored()), device=device)
     return sum(parts.values()), parts
 
 
