@@ -86,7 +86,8 @@ def run(config: AlignConfig) -> dict[str, float]:
         "prompt",
         tokenizer,
         seed=config.seed,
-        max_length=config.train.max_length,
+        # Prompt + response fit in train.max_length; longer prompts are dropped and counted in the data report.
+        max_length=config.train.max_length - ppo.max_new_tokens,
         on_error=config.data.on_error,
         cache_dir=config.data.cache_dir,
     )
@@ -309,6 +310,11 @@ def check_config(config: AlignConfig) -> None:
         )
     if ppo.ptx_coef > 0 and not ppo.ptx_data:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data=<sft recipe>")
+    if ppo.max_new_tokens >= config.train.max_length:
+        raise ConfigError(
+            f"ppo.max_new_tokens={ppo.max_new_tokens} leaves no room for a prompt in "
+            f"train.max_length={config.train.max_length} (an episode is prompt + response)"
+        )
 
 
 def deepspeed_config(config: AlignConfig) -> dict[str, Any] | None:
