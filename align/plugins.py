@@ -11,20 +11,43 @@ from typing import Any
 
 from align.errors import ConfigError, TrainingError
 
-RewardFn = Callable[[list[str], list[str]], list[float]]
+RewardFn = Callable[..., list[float]]
+# What TRL passes a reward function besides the dataset's columns; never taken as column names.
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+_NOT_PASSED = ("trainer_state", "log_extra", "log_metric")  # TRL trainer internals align has no equal of
+
+
+@dataclass
+class Episodes:
+    """Sampled episodes as reward functions see them."""
+
+    prompts: list[list[dict[str, str]]]  # each prompt's messages
+    responses: list[str]
+    response_ids: list[list[int]]  # each response's tokens, up to and including its end
+    ended: list[bool]  # stopped at EOS or the end of turn
+    columns: list[dict[str, Any]]  # the prompt rows' other columns
+    conversational: list[bool]  # the source gave the prompt as messages, not as text
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        """Each prompt's last user turn: what align-style reward functions get as the prompt."""
+        return [messages[-1]["content"] for messages in self.prompts]
 
 
 @dataclass(frozen=True)
 class ScoreFunction:
-    """A user's reward (or gold, or monitor) function, called as ``fn(prompts, responses, **columns)``.
+    """A user's reward (or gold, or monitor) function, called through checks.
 
-    Like TRL's reward functions it may take the prompt rows' other columns by name (``answer``
-    for a verifiable reward) or all of them with ``**kwargs``: each is a list with one value per
-    response (None where a row lacks it). A function with a ``completions`` parameter is written
-    for TRL, which passes everything by keyword, so it is called that way (``prompts=``,
-    ``completions=``); positionally its arguments could land in the wrong parameters. What it
-    returns is checked: one finite number per response. A bad score stops the run naming the
-    function, the response and the value; a silently wrong reward would train the policy on it.
+    align's convention is ``fn(prompts, responses, **columns)`` with texts (each prompt's last user
+    turn). Like TRL's reward functions it may take the prompt rows' other columns by name
+    (``answer`` for a verifiable reward) or all of them with ``**kwargs``: each is a list with one
+    value per response (None where a row lacks it). A function with a ``completions`` or
+    ``completion_ids`` parameter is written for TRL and is called as TRL calls it: everything by
+    keyword, prompts and completions as messages where the data gave its prompts as messages (TRL's
+    conversational format: ``completion[0]["content"]``) and as text otherwise, and the response
+    tokens as ``completion_ids``. What it returns is checked: one finite number per response. A bad
+    score stops the run naming the function, the response and the value; a silently wrong reward
+    would train the policy on it.
     """
 
     fn: RewardFn
@@ -33,8 +56,8 @@ class ScoreFunction:
     required_columns: frozenset[str] = frozenset()  # ... those without a default
     all_columns: bool = False  # it takes **kwargs
     reserved: tuple[str, ...] = ()  # the names its prompts and responses are passed as
-    by_keyword: bool = False  # TRL's convention: prompts=, completions=
-    takes_prompts: bool = True
+    by_keyword: bool = False  # TRL's convention
+    parameters: frozenset[str] = frozenset()
 
     @classmethod
     def wrap(cls, fn: RewardFn, key: str) -> ScoreFunction:
@@ -42,22 +65,24 @@ class ScoreFunction:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):  # a builtin without a signature: two arguments, no columns
             return cls(fn, key)
-        by_keyword = any(p.name == "completions" for p in params)
+        by_keyword = any(p.name in ("completions", "completion_ids") for p in params)
         if by_keyword:
-            reserved = ("prompts", "completions")
+            reserved = TRL_ARGUMENTS
+            needs = [p.name for p in params if p.name in _NOT_PASSED and p.default is p.empty]
+            if needs:
+                raise ConfigError(f"{key} needs TRL's {needs[0]!r}, which align does not pass (give it a default)")
         else:
             reserved = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[:2]
         named = [p for p in params if p.name not in reserved and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        all_columns = any(p.kind is p.VAR_KEYWORD for p in params)
         return cls(
             fn,
             key,
             named_columns=frozenset(p.name for p in named),
             required_columns=frozenset(p.name for p in named if p.default is p.empty),
-            all_columns=all_columns,
+            all_columns=any(p.kind is p.VAR_KEYWORD for p in params),
             reserved=reserved,
             by_keyword=by_keyword,
-            takes_prompts=not by_keyword or all_columns or any(p.name == "prompts" for p in params),
+            parameters=frozenset(p.name for p in params),
         )
 
     def check_columns(self, available: set[str], data: str) -> None:
@@ -70,16 +95,14 @@ class ScoreFunction:
                 f"(their other columns: {have})"
             )
 
-    def __call__(
-        self, prompts: list[str], responses: list[str], columns: list[dict[str, Any]] | None = None
-    ) -> list[float]:
-        kwargs = self._column_arguments(columns) if columns is not None else {}
+    def __call__(self, episodes: Episodes) -> list[float]:
+        responses = episodes.responses
+        kwargs = self._column_arguments(episodes.columns)
         try:
             if self.by_keyword:
-                given = {"prompts": prompts} if self.takes_prompts else {}
-                values = self.fn(completions=responses, **given, **kwargs)
+                values = self.fn(**self._trl_arguments(episodes), **kwargs)
             else:
-                values = self.fn(prompts, responses, **kwargs)
+                values = self.fn(episodes.prompt_texts, responses, **kwargs)
         except Exception as exc:
             # The user's own traceback is what helps here, so it is kept; this says whose call it was.
             exc.add_note(f"align: raised by {self.key} scoring a batch of {len(responses)} responses")
@@ -91,7 +114,18 @@ class ScoreFunction:
             )
         if len(values) != len(responses):
             raise TrainingError(f"{self.key} returned {len(values)} scores for {len(responses)} responses")
-        return [self._check(value, i, prompts, responses) for i, value in enumerate(values)]
+        return [self._check(value, i, episodes.prompt_texts, responses) for i, value in enumerate(values)]
+
+    def _trl_arguments(self, e: Episodes) -> dict[str, list[Any]]:
+        given = {
+            "prompts": [m if conv else m[-1]["content"] for m, conv in zip(e.prompts, e.conversational, strict=True)],
+            "completions": [
+                [{"role": "assistant", "content": r}] if conv else r
+                for r, conv in zip(e.responses, e.conversational, strict=True)
+            ],
+            "completion_ids": e.response_ids,
+        }
+        return {name: value for name, value in given.items() if self.all_columns or name in self.parameters}
 
     def _column_arguments(self, columns: list[dict[str, Any]]) -> dict[str, list[Any]]:
         present = set().union(*columns)
@@ -104,9 +138,12 @@ class ScoreFunction:
         except (TypeError, ValueError):
             score = None
         if score is None or not math.isfinite(score):
+            # TRL's trainers read None as "no score for this example" (trl.rewards.accuracy_reward
+            # returns it for a gold answer it cannot parse); every episode here is trained on.
+            hint = "; drop such rows from the data or score them" if value is None else ""
             raise TrainingError(
                 f"{self.key} returned {value!r} for response {i} of {len(responses)}; a score must be a finite "
-                f"number (prompt {_excerpt(prompts[i])!r}, response {_excerpt(responses[i])!r})"
+                f"number (prompt {_excerpt(prompts[i])!r}, response {_excerpt(responses[i])!r}){hint}"
             )
         return score
 

@@ -19,9 +19,9 @@ from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.data.formats import other_column_names, read_other_columns
 from align.models import load_causal_lm, load_tokenizer
-from align.plugins import import_reward_fn
+from align.plugins import Episodes, import_reward_fn
 from align.ppo.forward import response_logprobs
-from align.ppo.rollout import decode_responses, sample
+from align.ppo.rollout import decode_responses, response_token_ids, sample
 from align.rows import PaddedRows
 
 log = logging.getLogger("align.summary")
@@ -94,7 +94,6 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
     ppo_dir = outputs["ppo"] / "final"
     ids = [row["prompt_input_ids"] for row in prompts]
     messages = [row["prompt"] for row in prompts]
-    texts = [m[-1]["content"] for m in messages]
     columns = [read_other_columns(row) for row in prompts]
     reward_model = load_reward_model(str(outputs["rm"] / "final")).eval() if "rm" in outputs else None
     reward_tokenizer = own_tokenizer(str(outputs["rm"] / "final"), tokenizer) if "rm" in outputs else None
@@ -119,15 +118,22 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
             device=torch.device("cpu"),
         )
         rollouts[name] = (model, rollout)
-        responses = decode_responses(tokenizer, rollout)
+        episodes = Episodes(
+            prompts=messages,
+            responses=decode_responses(tokenizer, rollout),
+            response_ids=response_token_ids(rollout),
+            ended=rollout.ended_with_eos.tolist(),
+            columns=columns,
+            conversational=[row["conversational"] for row in prompts],
+        )
         if reward_model is not None:  # read as PPO read it (stages/ppo.py)
             rows = PaddedRows(rollout.input_ids, rollout.attention_mask)
-            ended = rollout.ended_with_eos.tolist()
+            e = episodes
             with torch.no_grad():
-                scores = episode_rewards(reward_model, reward_tokenizer, rows, messages, responses, ended)
+                scores = episode_rewards(reward_model, reward_tokenizer, rows, e.prompts, e.responses, e.ended)
             result[f"proxy_{name}"] = scores.mean().item()
         if gold is not None:
-            result[f"gold_{name}"] = sum(gold(texts, responses, columns)) / len(responses)
+            result[f"gold_{name}"] = sum(gold(episodes)) / len(episodes.responses)
     if "sft" in rollouts:
         (ppo_model, rollout), (sft_model, _) = rollouts["ppo"], rollouts["sft"]
         with torch.no_grad():

@@ -16,3 +16,17 @@ def none_when_unparsed(prompts: list[str], responses: list[str]) -> list[float |
 def matches_its_answer(prompts: list[str], responses: list[str], answer: list[str]) -> list[float]:
     """1 where the prompt ends with its row's `answer` column: the columns reach the reward aligned."""
     return [float(prompt.endswith(a)) for prompt, a in zip(prompts, answer, strict=True)]
+
+
+def in_trls_shape(prompts, completions, completion_ids, given_as, **kwargs) -> list[float]:
+    """Written for TRL (called by keyword): 1 where the prompt and completion come as TRL hands them
+    over for the row's source, messages where it gave messages (`given_as`), text otherwise."""
+    scores = []
+    for prompt, completion, ids, given in zip(prompts, completions, completion_ids, given_as, strict=True):
+        if given == "messages":
+            ok = prompt[-1]["role"] == "user" and completion[0]["role"] == "assistant"
+            ok = ok and isinstance(completion[0]["content"], str)
+        else:
+            ok = isinstance(prompt, str) and isinstance(completion, str)
+        scores.append(float(ok and len(ids) > 0 and all(isinstance(i, int) for i in ids)))
+    return scores

@@ -3,8 +3,9 @@
 Canonical rows (before tokenisation):
 - conversation: ``{"messages": [{"role", "content"}, ...]}``
 - preference:   ``{"prompt": [...ending with a user turn], "chosen": [assistant...], "rejected": [...]}``
-- prompt:       ``{"prompt": [...ending with a user turn]}``, and the source row's other fields
-  (``other_columns``) when loaded for a prompt recipe
+- prompt:       ``{"prompt": [...ending with a user turn]}``, and, when loaded for a prompt
+  recipe, the source row's other fields (``other_columns``) and whether it gave the prompt as
+  messages (``conversational``)
 
 An adapter returns a list (ranked formats turn one row into several pairs) or raises RowError,
 which names the field and the reason; the loader turns it into a one-line DataError or a counted
@@ -304,6 +305,26 @@ def other_columns(raw: Row, format_name: str, columns: dict[str, str]) -> str:
     to the reward function, as TRL passes dataset columns: a verifiable reward needs the answer."""
     prompt_field = columns.get("prompt", "prompt") if format_name == "prompt" else None
     return json.dumps({k: v for k, v in raw.items() if k != prompt_field}, sort_keys=True, default=str)
+
+
+def conversational_prompt(raw: Row, format_name: str, columns: dict[str, str]) -> bool:
+    """Whether a source row gives its prompt as messages (TRL's conversational format) or as text.
+
+    TRL hands reward functions prompts and completions in the format of the dataset, so a function
+    written for one format breaks on the other (``completion[0]["content"]`` of a string); prompt
+    rows remember their source's so that reward functions get what TRL would give them.
+    """
+    if format_name in ("messages", "sharegpt"):
+        return True
+    if format_name in ("alpaca", "hh"):
+        return False
+    field = columns.get("prompt", "prompt")
+    if format_name == "ultrafeedback" and raw.get(columns.get("instruction", "instruction")) is not None:
+        field = columns.get("instruction", "instruction")
+    value = raw.get(field)
+    if value is None and format_name == "preference":  # implicit prompt: the head of `chosen`
+        value = raw.get(columns.get("chosen", "chosen"))
+    return isinstance(value, list)
 
 
 def read_other_columns(row: Row) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import datasets
 
 from align.chat import encode, render, tokenize_conversation
 from align.data.cache import cache_key, default_cache_dir, load_or_prepare, tokenizer_fingerprint
-from align.data.formats import FORMATS, RowError, other_columns, to_kind
+from align.data.formats import FORMATS, RowError, conversational_prompt, other_columns, to_kind
 from align.data.mix import mixture_counts, rng_for, split_eval, take
 from align.data.readers import read_rows, source_stamp
 from align.data.recipe import ON_ERROR, Recipe, SourceSpec, display_path, load_recipe
@@ -85,8 +85,11 @@ def _process_source(
                 raise raw
             rows = [to_kind(r, native, kind) for r in adapter(raw, spec.columns, **options)]
             if kind == "prompt":
-                extra = other_columns(raw, spec.format, spec.columns)
-                rows = [{**r, "other_columns": extra} for r in rows]
+                source = {
+                    "other_columns": other_columns(raw, spec.format, spec.columns),
+                    "conversational": conversational_prompt(raw, spec.format, spec.columns),
+                }
+                rows = [{**r, **source} for r in rows]
         except RowError as e:
             if on_error == "raise" and e.reason not in FILTER_REASONS:
                 field = f"field {e.field!r}: " if e.field else ""
@@ -101,7 +104,7 @@ def _process_source(
                 continue
             if seen is not None:
                 # The same prompt is a duplicate whatever else its source row holds (an id, say).
-                content = {k: v for k, v in row.items() if k != "other_columns"}
+                content = {k: v for k, v in row.items() if k not in ("other_columns", "conversational")}
                 digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
                 if digest in seen:
                     report.drop("duplicate")

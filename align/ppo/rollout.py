@@ -23,13 +23,15 @@ class Rollout:
     prompt_len: int
 
 
+def response_token_ids(rollout: Rollout) -> list[list[int]]:
+    """Each response's tokens up to and including its end (EOS or end of turn), without padding."""
+    response_ids = rollout.input_ids[:, rollout.prompt_len :]
+    return [ids[mask.bool()].tolist() for ids, mask in zip(response_ids, rollout.response_mask, strict=True)]
+
+
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     """Each response's text, without the padding after its end and without special tokens."""
-    response_ids = rollout.input_ids[:, rollout.prompt_len :]
-    return [
-        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-        for ids, mask in zip(response_ids, rollout.response_mask, strict=True)
-    ]
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_token_ids(rollout)]
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:

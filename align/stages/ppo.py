@@ -37,7 +37,7 @@ from align.distributed import build_deepspeed_config, world_info
 from align.errors import CheckpointError, ConfigError, Preempted, TrainingError
 from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
 from align.nonfinite import KEPT, NonFiniteBudget
-from align.plugins import import_reward_fn
+from align.plugins import Episodes, import_reward_fn
 from align.ppo import checkpoint
 from align.ppo.advantages import gae, whiten_advantages
 from align.ppo.forward import ValueModel, disable_dropout, response_logprobs
@@ -47,7 +47,7 @@ from align.ppo.masked import masked_mean
 from align.ppo.normalize import RunningMoments, normalize_reward
 from align.ppo.placement import Placement, TrainedModel
 from align.ppo.rewards import penalize_missing_eos, per_token_rewards
-from align.ppo.rollout import Rollout, decode_responses, sample
+from align.ppo.rollout import Rollout, decode_responses, response_token_ids, sample
 from align.preemption import Preemption
 from align.reward_model import episode_rewards, own_tokenizer
 from align.rows import Rows, can_pack, enable_packing, make_rows
@@ -169,11 +169,14 @@ def run(config: AlignConfig) -> dict[str, float]:
 
         # 2-3. Score, KL penalty, advantages. The critic warms up alone first (Qwen: 50 steps).
         train_policy = step >= ppo.value_warmup_steps
+        repeated = [row for row in batch for _ in range(ppo.responses_per_prompt)]
         episodes = Episodes(
-            prompts=[row["prompt"] for row in batch for _ in range(ppo.responses_per_prompt)],
+            prompts=[row["prompt"] for row in repeated],
             responses=decode_responses(tokenizer, rollout),
+            response_ids=response_token_ids(rollout),
             ended=rollout.ended_with_eos.tolist(),
-            columns=[read_other_columns(row) for row in batch for _ in range(ppo.responses_per_prompt)],
+            columns=[read_other_columns(row) for row in repeated],
+            conversational=[row["conversational"] for row in repeated],
         )
         rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=packed)
         first_forward = score_forward(policy, value, rows, ppo.temperature, config, train_policy)
@@ -224,7 +227,7 @@ def run(config: AlignConfig) -> dict[str, float]:
             "ppo/reward_raw": scores.mean().item(),
             "ppo/reward_norm": norm_scores.mean().item(),
             **{f"ppo/reward_{name}": part.mean().item() for name, part in score_parts.items()},
-            **({"ppo/gold": sum(monitor_fn(*episodes.scored())) / len(episodes.responses)} if monitor_fn else {}),
+            **({"ppo/gold": sum(monitor_fn(episodes)) / len(episodes.responses)} if monitor_fn else {}),
             "ppo/kl": seq_kl,
             "ppo/kl_k3": (kl_penalty(old_logp, ref_logp, "k3") * mask).sum(-1).mean().item(),
             "ppo/kl_coef": kl_ctl.value,
@@ -426,25 +429,6 @@ def reference_logprobs(reference, policy, rows: Rows, temperature: float) -> tor
         return response_logprobs(policy, rows, temperature)[0]
 
 
-@dataclass
-class Episodes:
-    """A rollout as text, for reward functions and a reward model with its own tokenizer."""
-
-    prompts: list[list[dict[str, str]]]  # each prompt's messages
-    responses: list[str]
-    ended: list[bool]  # stopped at EOS or the end of turn
-    columns: list[dict[str, Any]]  # the prompt rows' other columns
-
-    @property
-    def prompt_texts(self) -> list[str]:
-        """Each prompt's last user turn: what reward functions get as the prompt."""
-        return [messages[-1]["content"] for messages in self.prompts]
-
-    def scored(self) -> tuple[list[str], list[str], list[dict[str, Any]]]:
-        """The arguments of a reward function (align.plugins.ScoreFunction)."""
-        return self.prompt_texts, self.responses, self.columns
-
-
 def score_rollout(reward_model, reward_tokenizer, reward_fn, rows: Rows, episodes: Episodes):
     """Sum of the reward model's score (at the last real token) and the reward function's."""
     parts: dict[str, torch.Tensor] = {}
@@ -453,7 +437,7 @@ def score_rollout(reward_model, reward_tokenizer, reward_fn, rows: Rows, episode
         e = episodes
         parts["model"] = episode_rewards(reward_model, reward_tokenizer, rows, e.prompts, e.responses, e.ended)
     if reward_fn is not None:
-        parts["fn"] = torch.tensor(reward_fn(*episodes.scored()), device=device)
+        parts["fn"] = torch.tensor(reward_fn(episodes), device=device)
     return sum(parts.values()), parts
 
 

@@ -202,6 +202,35 @@ def test_the_reward_fn_gets_each_prompt_rows_other_columns(run_align, tmp_path):
     assert [r["ppo/reward_raw"] for r in read_log(out)] == [1.0, 1.0, 1.0]
 
 
+def test_a_reward_fn_written_for_trl_gets_each_row_in_its_sources_format(run_align, tmp_path):
+    # TRL gives reward functions messages for a conversational dataset and text otherwise; a recipe
+    # may mix both. Every reward is 1 only if each episode came in its own source's format.
+    (tmp_path / "text.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"Say t{i}", "given_as": "text"}) + "\n" for i in range(6))
+    )
+    (tmp_path / "chat.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": [{"role": "user", "content": f"Say m{i}"}], "given_as": "messages"}) + "\n"
+            for i in range(6)
+        )
+    )
+    (tmp_path / "mixed.yaml").write_text(
+        "kind: prompt\nsources:\n  - path: text.jsonl\n    format: prompt\n  - path: chat.jsonl\n    format: prompt\n"
+    )
+    out = tmp_path / "ppo"
+    run_align(
+        "stage=ppo",
+        f"data.recipe={tmp_path / 'mixed.yaml'}",
+        "ppo.reward_fn=tests.rewards:in_trls_shape",
+        "ppo.prompts_per_step=4",
+        "train.batch_size=4",
+        "ppo.max_new_tokens=4",
+        "train.max_steps=3",
+        f"output_dir={out}",
+    )
+    assert [r["ppo/reward_raw"] for r in read_log(out)] == [1.0, 1.0, 1.0]
+
+
 def test_a_reward_model_with_another_tokenizer_scores_the_responses_as_text(run_align, tmp_path):
     # The value model reads the policy's tokens, so it starts from the policy (test_errors.py: asked for).
     rm = reward_model_of_another_tokenizer(tmp_path / "rm")

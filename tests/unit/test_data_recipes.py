@@ -250,3 +250,34 @@ def test_prompt_rows_carry_their_other_columns(tmp_path, tok):
     assert by_prompt["hi"]["id"] == 7 and by_prompt["hi"]["messages"][1]["content"] == "hello"
     assert other_column_names(data.train) == {"answer", "meta", "id", "messages"}
     assert [r.dropped for r in data.reports] == [{"duplicate": 1}, {}]
+
+
+def test_prompt_rows_remember_whether_their_source_gave_messages_or_text(tmp_path, tok):
+    """TRL hands reward functions messages or text as the dataset has them; so do we (align.plugins)."""
+    user = [{"role": "user", "content": "as messages"}]
+    files = {
+        "text.jsonl": {"prompt": "as text"},
+        "listed.jsonl": {"prompt": user},
+        "chat.jsonl": {"messages": [{"role": "user", "content": "a chat"}, {"role": "assistant", "content": "hi"}]},
+        "alpaca.jsonl": {"instruction": "an instruction", "input": "", "output": "done"},
+        "implicit.jsonl": {
+            "chosen": [{"role": "user", "content": "implicit"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "implicit"}, {"role": "assistant", "content": "b"}],
+        },
+        "pair.jsonl": {"prompt": "a text pair", "chosen": "a", "rejected": "b"},
+    }
+    formats = {"text": "prompt", "listed": "prompt", "chat": "messages", "alpaca": "alpaca"}
+    sources = []
+    for name, row in files.items():
+        (tmp_path / name).write_text(json.dumps(row) + "\n")
+        sources.append({"path": name, "format": formats.get(name.split(".")[0], "preference")})
+    data = load_recipe_data(write_recipe(tmp_path / "r.yaml", sources=sources), "prompt", tok, seed=0)
+    given = {row["prompt"][-1]["content"]: row["conversational"] for row in data.train}
+    assert given == {
+        "as text": False,
+        "as messages": True,
+        "a chat": True,
+        "an instruction": False,
+        "implicit": True,
+        "a text pair": False,
+    }

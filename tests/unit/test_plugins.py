@@ -7,13 +7,25 @@ import pytest
 import torch
 
 from align.errors import ConfigError, TrainingError
-from align.plugins import ScoreFunction, import_reward_fn
+from align.plugins import Episodes, ScoreFunction, import_reward_fn
 
 PROMPTS, RESPONSES = ["p0", "p1", "p2"], ["r0", "a long answer " * 20, "r2"]
 
 
+def episodes(prompts=PROMPTS, responses=RESPONSES, columns=None, conversational=False) -> Episodes:
+    n = len(responses)
+    return Episodes(
+        prompts=[[{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}] for p in prompts],
+        responses=list(responses),
+        response_ids=[[7] * (i + 1) for i in range(n)],
+        ended=[True] * n,
+        columns=columns if columns is not None else [{} for _ in range(n)],
+        conversational=[conversational] * n,
+    )
+
+
 def scored(values):
-    return ScoreFunction(lambda prompts, responses: values, "ppo.reward_fn=m:f")(PROMPTS, RESPONSES)
+    return ScoreFunction(lambda prompts, responses: values, "ppo.reward_fn=m:f")(episodes())
 
 
 @pytest.mark.parametrize(
@@ -50,6 +62,7 @@ def test_a_bad_score_names_the_function_the_response_and_the_value(values, shown
     )
     assert "prompt 'p1'" in message
     assert "response 'a long answer a long answer" in message and "...'" in message and len(message) < 400
+    assert message.endswith("; drop such rows from the data or score them") == (shown == "None")
 
 
 @pytest.mark.parametrize(
@@ -71,7 +84,7 @@ def test_an_exception_keeps_its_traceback_and_says_whose_call_it_was():
         return [1 / 0 for _ in responses]
 
     with pytest.raises(ZeroDivisionError) as err:
-        ScoreFunction(broken, "pipeline.gold_fn=m:broken")(PROMPTS, RESPONSES)
+        ScoreFunction(broken, "pipeline.gold_fn=m:broken")(episodes())
     assert err.value.__notes__ == ["align: raised by pipeline.gold_fn=m:broken scoring a batch of 3 responses"]
     assert any(entry.name == "broken" for entry in err.traceback)  # down into the user's function
 
@@ -79,7 +92,7 @@ def test_an_exception_keeps_its_traceback_and_says_whose_call_it_was():
 def test_import_names_the_key_and_the_spec():
     fn = import_reward_fn("tests.rewards:brevity", "ppo.reward_fn")
     assert fn.key == "ppo.reward_fn=tests.rewards:brevity"
-    assert fn(["p", "q"], ["", "one two"]) == [1.0, 0.8]
+    assert fn(episodes(["p", "q"], ["", "one two"])) == [1.0, 0.8]
     with pytest.raises(ConfigError, match="must have the form module:function"):
         import_reward_fn("tests.rewards.brevity", "ppo.reward_fn")
     with pytest.raises(ConfigError, match="not callable"):
@@ -98,7 +111,7 @@ def test_named_columns_reach_the_function_one_value_per_response():
 
     fn = ScoreFunction.wrap(exact, "ppo.reward_fn=m:exact")
     assert (fn.named_columns, fn.required_columns) == ({"answer", "unit", "level"}, {"answer"})
-    assert fn(PROMPTS, RESPONSES, COLUMNS) == [1.0, 1.0, 0.0]
+    assert fn(episodes(columns=COLUMNS)) == [1.0, 1.0, 0.0]
     assert seen == {"answer": ["1", "2", None], "unit": "", "level": None}  # absent columns keep their defaults
 
 
@@ -109,13 +122,13 @@ def test_kwargs_take_every_column_except_the_first_two_parameter_names():
         seen.update(kwargs)
         return [0.0] * len(responses)
 
-    ScoreFunction.wrap(everything, "k")(PROMPTS, RESPONSES, [{**row, "prompts": "clash"} for row in COLUMNS])
+    ScoreFunction.wrap(everything, "k")(episodes(columns=[{**row, "prompts": "clash"} for row in COLUMNS]))
     assert seen == {"answer": ["1", "2", None], "id": [0, 1, 2]}
 
 
 def test_two_argument_functions_get_no_columns():
     fn = ScoreFunction.wrap(lambda p, r: [1.0] * len(r), "k")
-    assert fn(PROMPTS, RESPONSES, COLUMNS) == [1.0, 1.0, 1.0]
+    assert fn(episodes(columns=COLUMNS)) == [1.0, 1.0, 1.0]
     assert ScoreFunction.wrap(max, "k") == ScoreFunction(max, "k")  # a builtin without a signature: no columns
 
 
@@ -131,8 +144,9 @@ def test_a_required_column_absent_from_the_data_fails_before_any_compute():
 
 
 def test_a_function_written_for_trl_is_called_by_keyword():
-    """TRL calls reward functions as fn(prompts=..., completions=..., **columns); a positional call
-    would hand such a function (completions, solution, **kwargs) the prompts as completions."""
+    """TRL calls reward functions as fn(prompts=..., completions=..., completion_ids=..., **columns);
+    a positional call would hand such a function (completions, solution, **kwargs) the prompts as
+    completions. Text prompts (TRL's standard format) come as the last user turn."""
     seen = {}
 
     def accuracy_reward(completions, solution, **kwargs):
@@ -142,10 +156,49 @@ def test_a_function_written_for_trl_is_called_by_keyword():
     fn = ScoreFunction.wrap(accuracy_reward, "ppo.reward_fn=m:accuracy_reward")
     assert fn.required_columns == {"solution"}
     columns = [{"solution": "0", "id": 0}, {"solution": "x", "id": 1}, {"solution": "2", "id": 2}]
-    assert fn(PROMPTS, RESPONSES, columns) == [1.0, 0.0, 1.0]
-    assert seen == {"completions": RESPONSES, "solution": ["0", "x", "2"], "prompts": PROMPTS, "id": [0, 1, 2]}
+    assert fn(episodes(columns=columns)) == [1.0, 0.0, 1.0]
+    assert seen == {
+        "completions": RESPONSES,
+        "solution": ["0", "x", "2"],
+        "prompts": PROMPTS,
+        "completion_ids": [[7], [7, 7], [7, 7, 7]],
+        "id": [0, 1, 2],
+    }
 
     def no_prompts(completions):
         return [1.0] * len(completions)
 
-    assert ScoreFunction.wrap(no_prompts, "k")(PROMPTS, RESPONSES, columns) == [1.0, 1.0, 1.0]
+    assert ScoreFunction.wrap(no_prompts, "k")(episodes(columns=columns)) == [1.0, 1.0, 1.0]
+
+
+def test_trl_functions_get_messages_where_the_data_gave_messages():
+    """TRL's conversational format: each prompt its messages, each completion one assistant message."""
+    seen = {}
+
+    def conversational(prompts, completions, **kwargs):
+        seen.update(prompts=prompts, completions=completions)
+        return [float(len(c[0]["content"])) for c in completions]
+
+    assert ScoreFunction.wrap(conversational, "k")(episodes(conversational=True)) == [2.0, 280.0, 2.0]
+    assert seen["prompts"][1] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "p1"}]
+    assert seen["completions"][0] == [{"role": "assistant", "content": "r0"}]
+
+
+def test_trl_shipped_reward_functions_run_as_in_trl():
+    think = import_reward_fn("trl.rewards:think_format_reward", "ppo.reward_fn")
+    answers = ["<think>\nadd them\n</think>\n4", "4", "<think>no end"]
+    assert think(episodes(responses=answers, conversational=True)) == [1.0, 0.0, 0.0]
+
+    from trl.rewards import get_repetition_penalty_reward  # a callable object scoring completion_ids
+
+    penalty = ScoreFunction.wrap(get_repetition_penalty_reward(ngram_size=2, max_penalty=-1.0), "k")
+    # ids [7], [7, 7], [7, 7, 7]: no 2-gram; one, unique; two, one of them unique (1 - 1/2 = 0.5 repeated)
+    assert penalty(episodes()) == [0.0, 0.0, -0.5]
+
+
+def test_trl_trainer_internals_without_a_default_are_refused():
+    def needs_state(completions, trainer_state, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ConfigError, match="needs TRL's 'trainer_state', which align does not pass"):
+        ScoreFunction.wrap(needs_state, "ppo.reward_fn=m:needs_state")
