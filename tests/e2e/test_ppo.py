@@ -159,8 +159,8 @@ def test_ppo_recipe_options_run_together(run_align, tmp_path):
     assert value["architectures"] == ["Qwen2ForSequenceClassification"]
 
 
-def test_ppo_needs_a_reward(run_align):
-    proc = run_align("stage=ppo", check=False)
+def test_ppo_needs_a_reward(run_align, tmp_path):
+    proc = run_align("stage=ppo", f"output_dir={tmp_path / 'ppo'}", check=False)
     assert proc.returncode == 2
     assert "needs ppo.reward_model=<rm dir> or ppo.reward_fn=module:function" in proc.stderr
 
