@@ -45,9 +45,11 @@ class ScoreFunction:
     ``completion_ids`` parameter is written for TRL and is called as TRL calls it: everything by
     keyword, prompts and completions as messages where the data gave its prompts as messages (TRL's
     conversational format: ``completion[0]["content"]``) and as text otherwise, and the response
-    tokens as ``completion_ids``. What it returns is checked: one finite number per response. A bad
-    score stops the run naming the function, the response and the value; a silently wrong reward
-    would train the policy on it.
+    tokens as ``completion_ids``. What it returns is checked: one finite number, or None, per
+    response. None is TRL's "no score for this example" (``trl.rewards.accuracy_reward`` returns it
+    for a gold answer it cannot parse): the caller leaves that response out. Anything else (NaN,
+    inf, a string) stops the run naming the function, the response and the value; a silently
+    wrong reward would train the policy on it.
     """
 
     fn: RewardFn
@@ -95,7 +97,7 @@ class ScoreFunction:
                 f"(their other columns: {have})"
             )
 
-    def __call__(self, episodes: Episodes) -> list[float]:
+    def __call__(self, episodes: Episodes) -> list[float | None]:
         responses = episodes.responses
         kwargs = self._column_arguments(episodes.columns)
         try:
@@ -132,20 +134,24 @@ class ScoreFunction:
         names = (present if self.all_columns else present & self.named_columns) - set(self.reserved)
         return {name: [row.get(name) for row in columns] for name in sorted(names)}
 
-    def _check(self, value, i: int, prompts: list[str], responses: list[str]) -> float:
+    def _check(self, value, i: int, prompts: list[str], responses: list[str]) -> float | None:
+        if value is None:
+            return None
         try:
             score = None if isinstance(value, str | bytes) else float(value)
         except (TypeError, ValueError):
             score = None
         if score is None or not math.isfinite(score):
-            # TRL's trainers read None as "no score for this example" (trl.rewards.accuracy_reward
-            # returns it for a gold answer it cannot parse); every episode here is trained on.
-            hint = "; drop such rows from the data or score them" if value is None else ""
             raise TrainingError(
                 f"{self.key} returned {value!r} for response {i} of {len(responses)}; a score must be a finite "
-                f"number (prompt {_excerpt(prompts[i])!r}, response {_excerpt(responses[i])!r}){hint}"
+                f"number, or None for none (prompt {_excerpt(prompts[i])!r}, response {_excerpt(responses[i])!r})"
             )
         return score
+
+    def mean(self, episodes: Episodes) -> float:
+        """The mean score over the responses it scored (NaN when it scored none): a metric."""
+        scores = [s for s in self(episodes) if s is not None]
+        return sum(scores) / len(scores) if scores else math.nan
 
 
 def import_reward_fn(spec: str, key: str) -> ScoreFunction:

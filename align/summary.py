@@ -133,7 +133,7 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
                 scores = episode_rewards(reward_model, reward_tokenizer, rows, e.prompts, e.responses, e.ended)
             result[f"proxy_{name}"] = scores.mean().item()
         if gold is not None:
-            result[f"gold_{name}"] = sum(gold(episodes)) / len(episodes.responses)
+            result[f"gold_{name}"] = gold.mean(episodes)
     if "sft" in rollouts:
         (ppo_model, rollout), (sft_model, _) = rollouts["ppo"], rollouts["sft"]
         with torch.no_grad():

@@ -13,6 +13,11 @@ def none_when_unparsed(prompts: list[str], responses: list[str]) -> list[float |
     return [None if i == 1 else 1.0 for i in range(len(responses))]
 
 
+def never_parses(prompts: list[str], responses: list[str]) -> list[float | None]:
+    """A verifiable reward pointed at the wrong column: no response gets a score."""
+    return [None] * len(responses)
+
+
 def matches_its_answer(prompts: list[str], responses: list[str], answer: list[str]) -> list[float]:
     """1 where the prompt ends with its row's `answer` column: the columns reach the reward aligned."""
     return [float(prompt.endswith(a)) for prompt, a in zip(prompts, answer, strict=True)]

@@ -36,5 +36,11 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 
 
 def whiten_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
-    """Advantages standardised over the batch's response tokens (pads excluded, mean shifted to 0)."""
+    """Advantages standardised over the batch's response tokens (pads excluded, mean shifted to 0).
+
+    A batch with fewer than two tokens to train on (every episode left unscored) has no spread to
+    standardise by; its advantages, 0 wherever masked, are returned as they are.
+    """
+    if int(mask.bool().sum()) < 2:
+        return advantages
     return masked_whiten(advantages, mask, shift_mean=True)

@@ -141,6 +141,7 @@ def run(config: AlignConfig) -> dict[str, float]:
     nonfinite = NonFiniteBudget(config.train.nan_skip_limit, unit="updates")
     preemption = Preemption().install()
     history: list[dict[str, float]] = []
+    unscored_seen = False
     bar = tqdm(
         range(start_step, steps),
         desc="ppo",
@@ -183,11 +184,13 @@ def run(config: AlignConfig) -> dict[str, float]:
         old_logp, old_values = first_forward.logp.detach(), first_forward.values.detach()
         with torch.no_grad():
             ref_logp = reference_logprobs(reference, policy, rows, ppo.temperature)
-            scores, score_parts = score_rollout(reward_model, reward_tokenizer, reward_fn, rows, episodes)
+            scores, score_parts, scored = score_rollout(reward_model, reward_tokenizer, reward_fn, rows, episodes)
         if ppo.missing_eos_penalty is not None:
             scores = penalize_missing_eos(scores, rollout.ended_with_eos, ppo.missing_eos_penalty)
+        if ppo.reward_norm:
+            moments.update(scores[scored])  # every rank, even with nothing scored: the statistics are global
         norm_scores = (
-            normalize_reward(scores, moments, use_std=ppo.reward_norm_std, clip=ppo.reward_clip)
+            normalize_reward(scores, moments, use_std=ppo.reward_norm_std, clip=ppo.reward_clip, update=False)
             if ppo.reward_norm
             else scores
             if ppo.reward_clip is None
@@ -195,9 +198,12 @@ def run(config: AlignConfig) -> dict[str, float]:
         )
         mask = rollout.response_mask
         kl = kl_penalty(old_logp, ref_logp, ppo.kl_estimator) * mask
-        rewards = per_token_rewards(norm_scores, kl, mask, kl_ctl.value)
-        advantages, returns = gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
-        advantages = whiten_advantages(advantages, mask)
+        rewards = per_token_rewards(torch.where(scored, norm_scores, 0.0), kl, mask, kl_ctl.value)
+        # An episode no reward scored (a reward function's None) has no advantage and no value
+        # target: it is left out of the update, as TRL leaves out what a reward function skips.
+        trained = mask * scored[:, None]
+        advantages, returns = gae(rewards, old_values, trained, ppo.gamma, ppo.lam)
+        advantages = whiten_advantages(advantages, trained)
         t_score = time.perf_counter()
 
         # 4. PPO epochs over mini-batches.
@@ -205,7 +211,7 @@ def run(config: AlignConfig) -> dict[str, float]:
             config,
             policy,
             value,
-            rollout,
+            replace(rollout, response_mask=trained),
             old_logp,
             old_values,
             advantages,
@@ -224,10 +230,11 @@ def run(config: AlignConfig) -> dict[str, float]:
 
         # 5. Log and checkpoint.
         metrics = {
-            "ppo/reward_raw": scores.mean().item(),
-            "ppo/reward_norm": norm_scores.mean().item(),
-            **{f"ppo/reward_{name}": part.mean().item() for name, part in score_parts.items()},
-            **({"ppo/gold": sum(monitor_fn(episodes)) / len(episodes.responses)} if monitor_fn else {}),
+            "ppo/reward_raw": masked_mean(scores, scored).item(),
+            "ppo/reward_norm": masked_mean(norm_scores, scored).item(),
+            **{f"ppo/reward_{name}": masked_mean(part, has).item() for name, (part, has) in score_parts.items()},
+            "ppo/unscored": 1.0 - scored.float().mean().item(),
+            **({"ppo/gold": monitor_fn.mean(episodes)} if monitor_fn else {}),
             "ppo/kl": seq_kl,
             "ppo/kl_k3": (kl_penalty(old_logp, ref_logp, "k3") * mask).sum(-1).mean().item(),
             "ppo/kl_coef": kl_ctl.value,
@@ -245,12 +252,14 @@ def run(config: AlignConfig) -> dict[str, float]:
         }
         metrics = gather_mean(metrics, accelerator)
         check_finite(metrics, step + 1)
+        check_scored(metrics, step + 1, reward_fn, unscored_seen)
+        unscored_seen = unscored_seen or metrics["ppo/unscored"] > 0
         history.append(metrics)
         tracker.log(metrics, step=step + 1)
         bar.set_postfix(reward=f"{metrics['ppo/reward_raw']:.3f}", kl=f"{metrics['ppo/kl']:.3f}")
         if ppo.sample_every and (step + 1) % ppo.sample_every == 0:
-            texts = zip(episodes.prompt_texts, episodes.responses, scores.tolist(), strict=True)
-            rows = [[p, r, float(s)] for p, r, s in texts]
+            texts = zip(episodes.prompt_texts, episodes.responses, scores.tolist(), scored.tolist(), strict=True)
+            rows = [[p, r, s if has else None] for p, r, s, has in texts]
             tracker.log_table("ppo/samples", ["prompt", "response", "reward"], rows[:16], step=step + 1)
         preempted = preemption.agreed()
         periodic = config.train.save_steps and (step + 1) % config.train.save_steps == 0 and step + 1 < steps
@@ -430,15 +439,22 @@ def reference_logprobs(reference, policy, rows: Rows, temperature: float) -> tor
 
 
 def score_rollout(reward_model, reward_tokenizer, reward_fn, rows: Rows, episodes: Episodes):
-    """Sum of the reward model's score (at the last real token) and the reward function's."""
-    parts: dict[str, torch.Tensor] = {}
+    """Sum of the reward model's score (at the last real token) and the reward function's, which
+    may give None for a response (no score). As in TRL an episode counts as scored when any part
+    scored it; returns the scores, each part with where it scored, and the scored episodes."""
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     device = rows.input_ids.device
     if reward_model is not None:
         e = episodes
-        parts["model"] = episode_rewards(reward_model, reward_tokenizer, rows, e.prompts, e.responses, e.ended)
+        score = episode_rewards(reward_model, reward_tokenizer, rows, e.prompts, e.responses, e.ended)
+        parts["model"] = (score, torch.ones_like(score, dtype=torch.bool))
     if reward_fn is not None:
-        parts["fn"] = torch.tensor(reward_fn(episodes), device=device)
-    return sum(parts.values()), parts
+        values = reward_fn(episodes)
+        given = torch.tensor([v is not None for v in values], device=device)
+        parts["fn"] = (torch.tensor([0.0 if v is None else v for v in values], device=device), given)
+    total = sum(torch.where(has, part, 0.0) for part, has in parts.values())
+    scored = torch.stack([has for _, has in parts.values()]).any(dim=0)
+    return total, parts, scored
 
 
 def update(
@@ -563,6 +579,23 @@ def gather_mean(metrics: dict[str, float], accelerator: Accelerator) -> dict[str
     values = torch.tensor([metrics[k] for k in keys], device=accelerator.device, dtype=torch.float64)
     values = accelerator.reduce(values, reduction="mean")
     return dict(zip(keys, values.tolist(), strict=True))
+
+
+def check_scored(metrics: dict[str, float], step: int, reward_fn, warned: bool) -> None:
+    """Some episodes without a score are a dataset's unparseable rows; none scored at all is a bug."""
+    unscored = metrics["ppo/unscored"]
+    if unscored >= 1.0:
+        raise TrainingError(
+            f"{reward_fn.key} returned None for every response of step {step}: nothing to train on; {KEPT}"
+        )
+    if unscored > 0 and not warned:
+        log.warning(
+            "%s returned None for %.0f%% of the responses of step %d: those episodes are left out of the update "
+            "(ppo/unscored logs the share each step)",
+            reward_fn.key,
+            100 * unscored,
+            step,
+        )
 
 
 def check_finite(metrics: dict[str, float], step: int) -> None:

@@ -165,10 +165,34 @@ def test_ppo_needs_a_reward(run_align, tmp_path):
     assert "needs ppo.reward_model=<rm dir> or ppo.reward_fn=module:function" in proc.stderr
 
 
-def test_a_reward_fn_returning_none_stops_the_run_naming_it(run_align, tmp_path):
+def test_responses_a_reward_fn_gives_none_are_left_out(run_align, tmp_path):
+    # None is TRL's "no score" (a gold answer that does not parse): the episode is not trained on,
+    # and the rewards logged are the scored ones' (all 1.0 here, none of the unscored 0s).
+    out = tmp_path / "ppo"
     proc = run_align(
         "stage=ppo",
         "ppo.reward_fn=tests.rewards:none_when_unparsed",
+        "ppo.prompts_per_step=2",
+        "train.batch_size=2",
+        "ppo.max_new_tokens=4",
+        "train.max_steps=2",
+        "ppo.value_warmup_steps=0",
+        "ppo.sample_every=1",
+        f"output_dir={out}",
+    )
+    log = read_log(out)
+    assert [(r["ppo/reward_raw"], r["ppo/unscored"]) for r in log] == [(1.0, 0.25), (1.0, 0.25)]
+    assert all(math.isfinite(r["ppo/policy_loss"]) and math.isfinite(r["ppo/value_loss"]) for r in log)
+    assert "returned None for 25% of the responses of step 1" in proc.stdout + proc.stderr
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["reward"] for s in samples if s["step"] == 1] == [1.0, None, 1.0, 1.0]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_reward_fn_that_scores_nothing_stops_the_run_naming_it(run_align, tmp_path):
+    proc = run_align(
+        "stage=ppo",
+        "ppo.reward_fn=tests.rewards:never_parses",
         "ppo.prompts_per_step=2",
         "train.batch_size=2",
         "ppo.max_new_tokens=4",
@@ -177,7 +201,7 @@ def test_a_reward_fn_returning_none_stops_the_run_naming_it(run_align, tmp_path)
         check=False,
     )
     assert_one_line_error(
-        proc, "TrainingError", "ppo.reward_fn=tests.rewards:none_when_unparsed returned None for response 1 of 4"
+        proc, "TrainingError", "ppo.reward_fn=tests.rewards:never_parses returned None for every response of step 1"
     )
     assert not (tmp_path / "ppo" / "final").exists()
 

@@ -46,23 +46,29 @@ def test_numbers_in_any_sequence_are_scores(values):
 @pytest.mark.parametrize(
     ("values", "shown"),
     [
-        ([1.0, None, 0.0], "None"),
         ([1.0, math.nan, 0.0], "nan"),
         ([1.0, -math.inf, 0.0], "-inf"),
         ([1.0, "0.5", 0.0], "'0.5'"),
     ],
-    ids=["None", "nan", "inf", "a string"],
+    ids=["nan", "inf", "a string"],
 )
 def test_a_bad_score_names_the_function_the_response_and_the_value(values, shown):
     with pytest.raises(TrainingError) as err:
         scored(values)
     message = str(err.value)
     assert message.startswith(
-        f"ppo.reward_fn=m:f returned {shown} for response 1 of 3; a score must be a finite number"
+        f"ppo.reward_fn=m:f returned {shown} for response 1 of 3; a score must be a finite number, or None for none"
     )
     assert "prompt 'p1'" in message
     assert "response 'a long answer a long answer" in message and "...'" in message and len(message) < 400
-    assert message.endswith("; drop such rows from the data or score them") == (shown == "None")
+
+
+def test_none_is_no_score_as_in_trl():
+    """trl.rewards.accuracy_reward gives None where it cannot parse the gold answer: no score, not 0."""
+    assert scored([1.0, None, 0.0]) == [1.0, None, 0.0]
+    fn = ScoreFunction(lambda prompts, responses: [None, 1.0, 0.5], "pipeline.gold_fn=m:f")
+    assert fn.mean(episodes()) == 0.75  # over the scored ones
+    assert math.isnan(ScoreFunction(lambda p, r: [None] * len(r), "k").mean(episodes()))
 
 
 @pytest.mark.parametrize(

@@ -55,3 +55,11 @@ def test_whiten_advantages_over_response_tokens_only() -> None:
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     torch.testing.assert_close(whiten_advantages(adv, mask), torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
     assert whiten_advantages(adv, mask)[mask.bool()].mean().item() == pytest.approx(0.0)
+
+
+def test_whitening_leaves_a_batch_with_nothing_to_train_on_alone():
+    """Every episode unscored (a reward function's None): no tokens to standardise over, no error."""
+    advantages = torch.zeros(2, 3)
+    assert torch.equal(whiten_advantages(advantages, torch.zeros(2, 3)), advantages)
+    one = torch.tensor([[0.0, 0.5, 0.0]])
+    assert torch.equal(whiten_advantages(one, torch.tensor([[0, 1, 0]])), one)
