@@ -111,8 +111,10 @@ def entropy_from_logits(logits: Tensor, mask: Tensor, temperature: float = 1.0) 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """``1 - Var(returns - values) / Var(returns)`` over response tokens (1 is perfect, <= 0 is useless).
 
-    NaN when the returns do not vary.
+    NaN when the returns do not vary, or there are none (every episode unscored).
     """
+    if not bool(mask.bool().any()):
+        return torch.tensor(float("nan"), device=values.device)
     var_returns = masked_var(returns, mask, unbiased=False)
     if var_returns == 0:
         return torch.tensor(float("nan"), device=values.device)

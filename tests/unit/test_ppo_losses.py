@@ -97,6 +97,7 @@ def test_explained_variance() -> None:
     assert ev.item() == pytest.approx(2 / 3)
     assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
     assert math.isnan(explained_variance(returns, torch.ones(4), mask).item())
+    assert math.isnan(explained_variance(returns, returns, torch.zeros(4)).item())  # nothing scored
 
 
 def test_masked_positions_receive_zero_gradient() -> None:
