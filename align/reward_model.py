@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -325,6 +326,15 @@ def text_rewards(
         else encode(tokenizer, render(tokenizer, prompt, True) + response)
         for prompt, response, finished in zip(prompts, responses, ended, strict=True)
     ]
+    context = getattr(getattr(models.unwrap_model(model), "config", None), "max_position_embeddings", None)
+    if context is not None and any(len(ids) > context for ids in sequences):
+        # Rendered again, an episode can outgrow a reward model of shorter context than the policy;
+        # the reward is read at the last token, so the end (the response) is kept.
+        warnings.warn(
+            f"the reward model reads {context} tokens at most: longer episodes lose the start of their prompt",
+            stacklevel=2,
+        )
+        sequences = [ids[-context:] for ids in sequences]
     ids, mask = pad_batch(sequences, tokenizer.pad_token_id)
     return rewards_at_last_token(model, ids.to(device), mask.to(device))
 

@@ -76,6 +76,22 @@ def test_another_vocabulary_is_read_as_text_as_in_training(tmp_path, policy_toke
     assert cut.item() != pytest.approx(finished[0].item(), abs=1e-4)
 
 
+def test_an_episode_longer_than_the_reward_models_context_is_read_from_its_end(tmp_path, policy_tokenizer):
+    rm = reward_model_of_another_tokenizer(tmp_path / "rm")
+    tokenizer = own_tokenizer(str(rm), policy_tokenizer)
+    model = load_reward_model(str(rm)).eval()
+    model.config.max_position_embeddings = 16
+    prompt = [{"role": "user", "content": "Sort: " + " ".join(str(i % 10) for i in range(40))}]
+    with pytest.warns(UserWarning, match="reads 16 tokens at most: longer episodes lose the start of their prompt"):
+        cut = text_rewards(model, tokenizer, [prompt], ["0 1 2"], [False], torch.device("cpu"))
+    ids = tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + "0 1 2",
+                    add_special_tokens=False, return_tensors="pt")["input_ids"]  # fmt: skip
+    assert ids.shape[1] > 16
+    with torch.no_grad():
+        expected = rewards_at_last_token(model, ids[:, -16:], torch.ones(1, 16, dtype=torch.long))
+    assert cut.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
 def test_a_reward_model_without_a_chat_template_is_refused(tmp_path, policy_tokenizer):
     folder = tmp_path / "plain"
     folder.mkdir()
