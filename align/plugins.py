@@ -108,6 +108,8 @@ class ScoreFunction:
         except Exception as exc:
             # The user's own traceback is what helps here, so it is kept; this says whose call it was.
             exc.add_note(f"align: raised by {self.key} scoring a batch of {len(responses)} responses")
+            if self.by_keyword and isinstance(exc, TypeError | KeyError | IndexError | AttributeError):
+                exc.add_note(_FORMAT_HINT[all(episodes.conversational)])
             raise
         if isinstance(values, str | bytes | dict) or not hasattr(values, "__len__"):
             raise TrainingError(
@@ -152,6 +154,15 @@ class ScoreFunction:
         """The mean score over the responses it scored (NaN when it scored none): a metric."""
         scores = [s for s in self(episodes) if s is not None]
         return sum(scores) / len(scores) if scores else math.nan
+
+
+# A function written for the other of TRL's two formats fails on its first completion.
+_FORMAT_HINT = {
+    False: "align: some prompts of this data are text (TRL's standard format), so their completions are strings; "
+    'a function for the conversational format reads completion[0]["content"] and needs prompts given as messages',
+    True: "align: this data gives its prompts as messages (TRL's conversational format), so each completion is "
+    '[{"role": "assistant", "content": ...}], not a string',
+}
 
 
 def import_reward_fn(spec: str, key: str) -> ScoreFunction:

@@ -208,3 +208,24 @@ def test_trl_trainer_internals_without_a_default_are_refused():
 
     with pytest.raises(ConfigError, match="needs TRL's 'trainer_state', which align does not pass"):
         ScoreFunction.wrap(needs_state, "ppo.reward_fn=m:needs_state")
+
+
+def test_a_trl_function_for_the_other_format_is_told_which_format_the_data_has():
+    think = import_reward_fn("trl.rewards:think_format_reward", "ppo.reward_fn")
+    with pytest.raises(TypeError) as err:
+        think(episodes())  # text prompts: completions are strings
+    assert err.value.__notes__[-1].startswith("align: some prompts of this data are text (TRL's standard format)")
+
+    def for_text(completions, **kwargs):
+        return [float(c.startswith("r")) for c in completions]
+
+    with pytest.raises(AttributeError) as err:  # 'list' object has no attribute 'startswith'
+        ScoreFunction.wrap(for_text, "k")(episodes(conversational=True))
+    assert err.value.__notes__[-1].startswith("align: this data gives its prompts as messages")
+
+    def broken(completions, **kwargs):
+        return [1 / 0 for _ in completions]
+
+    with pytest.raises(ZeroDivisionError) as err:  # not a format slip: no hint
+        ScoreFunction.wrap(broken, "k")(episodes())
+    assert len(err.value.__notes__) == 1
