@@ -98,13 +98,13 @@ class ScoreFunction:
             )
 
     def __call__(self, episodes: Episodes) -> list[float | None]:
-        responses = episodes.responses
+        prompts, responses = episodes.prompt_texts, episodes.responses
         kwargs = self._column_arguments(episodes.columns)
         try:
             if self.by_keyword:
                 values = self.fn(**self._trl_arguments(episodes), **kwargs)
             else:
-                values = self.fn(episodes.prompt_texts, responses, **kwargs)
+                values = self.fn(prompts, responses, **kwargs)
         except Exception as exc:
             # The user's own traceback is what helps here, so it is kept; this says whose call it was.
             exc.add_note(f"align: raised by {self.key} scoring a batch of {len(responses)} responses")
@@ -118,7 +118,7 @@ class ScoreFunction:
             )
         if len(values) != len(responses):
             raise TrainingError(f"{self.key} returned {len(values)} scores for {len(responses)} responses")
-        return [self._check(value, i, episodes.prompt_texts, responses) for i, value in enumerate(values)]
+        return [self._check(value, i, prompts, responses) for i, value in enumerate(values)]
 
     def _trl_arguments(self, e: Episodes) -> dict[str, list[Any]]:
         given = {

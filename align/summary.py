@@ -17,11 +17,11 @@ import torch
 from align.chat import stop_token_ids
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
-from align.data.formats import other_column_names, read_other_columns
+from align.data.formats import other_column_names
 from align.models import load_causal_lm, load_tokenizer
-from align.plugins import Episodes, import_reward_fn
+from align.plugins import import_reward_fn
 from align.ppo.forward import response_logprobs
-from align.ppo.rollout import decode_responses, response_token_ids, sample
+from align.ppo.rollout import rollout_episodes, sample
 from align.rows import PaddedRows
 
 log = logging.getLogger("align.summary")
@@ -92,9 +92,8 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
 
     sft_dir = outputs["sft"] / "final" if "sft" in outputs else None
     ppo_dir = outputs["ppo"] / "final"
-    ids = [row["prompt_input_ids"] for row in prompts]
-    messages = [row["prompt"] for row in prompts]
-    columns = [read_other_columns(row) for row in prompts]
+    prompt_rows = list(prompts)
+    ids = [row["prompt_input_ids"] for row in prompt_rows]
     reward_model = load_reward_model(str(outputs["rm"] / "final")).eval() if "rm" in outputs else None
     reward_tokenizer = own_tokenizer(str(outputs["rm"] / "final"), tokenizer) if "rm" in outputs else None
     gold = import_reward_fn(config.pipeline.gold_fn, "pipeline.gold_fn") if config.pipeline.gold_fn else None
@@ -118,14 +117,7 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
             device=torch.device("cpu"),
         )
         rollouts[name] = (model, rollout)
-        episodes = Episodes(
-            prompts=messages,
-            responses=decode_responses(tokenizer, rollout),
-            response_ids=response_token_ids(rollout),
-            ended=rollout.ended_with_eos.tolist(),
-            columns=columns,
-            conversational=[row["conversational"] for row in prompts],
-        )
+        episodes = rollout_episodes(tokenizer, rollout, prompt_rows)
         if reward_model is not None:  # read as PPO read it (stages/ppo.py)
             rows = PaddedRows(rollout.input_ids, rollout.attention_mask)
             e = episodes

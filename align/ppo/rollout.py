@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from align.data.formats import read_other_columns
+from align.plugins import Episodes
 from align.ppo.rewards import has_eos, response_mask_after_eos
 from align.rows import position_ids
 
@@ -32,6 +34,18 @@ def response_token_ids(rollout: Rollout) -> list[list[int]]:
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     """Each response's text, without the padding after its end and without special tokens."""
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_token_ids(rollout)]
+
+
+def rollout_episodes(tokenizer, rollout: Rollout, prompt_rows: list[dict]) -> Episodes:
+    """A rollout as reward functions see it; ``prompt_rows[i]`` is the prompt row of response ``i``."""
+    return Episodes(
+        prompts=[row["prompt"] for row in prompt_rows],
+        responses=decode_responses(tokenizer, rollout),
+        response_ids=response_token_ids(rollout),
+        ended=rollout.ended_with_eos.tolist(),
+        columns=[read_other_columns(row) for row in prompt_rows],
+        conversational=[row["conversational"] for row in prompt_rows],
+    )
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,7 @@ from align import models, rundir
 from align.chat import stop_token_ids
 from align.config import AlignConfig
 from align.data import load_recipe_data
-from align.data.formats import other_column_names, read_other_columns
+from align.data.formats import other_column_names
 from align.distributed import build_deepspeed_config, world_info
 from align.errors import CheckpointError, ConfigError, Preempted, TrainingError
 from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
@@ -47,7 +47,7 @@ from align.ppo.masked import masked_mean
 from align.ppo.normalize import RunningMoments, normalize_reward
 from align.ppo.placement import Placement, TrainedModel
 from align.ppo.rewards import penalize_missing_eos, per_token_rewards
-from align.ppo.rollout import Rollout, decode_responses, response_token_ids, sample
+from align.ppo.rollout import Rollout, rollout_episodes, sample
 from align.preemption import Preemption
 from align.reward_model import episode_rewards, own_tokenizer
 from align.rows import Rows, can_pack, enable_packing, make_rows
@@ -170,15 +170,7 @@ def run(config: AlignConfig) -> dict[str, float]:
 
         # 2-3. Score, KL penalty, advantages. The critic warms up alone first (Qwen: 50 steps).
         train_policy = step >= ppo.value_warmup_steps
-        repeated = [row for row in batch for _ in range(ppo.responses_per_prompt)]
-        episodes = Episodes(
-            prompts=[row["prompt"] for row in repeated],
-            responses=decode_responses(tokenizer, rollout),
-            response_ids=response_token_ids(rollout),
-            ended=rollout.ended_with_eos.tolist(),
-            columns=[read_other_columns(row) for row in repeated],
-            conversational=[row["conversational"] for row in repeated],
-        )
+        episodes = rollout_episodes(tokenizer, rollout, [row for row in batch for _ in range(ppo.responses_per_prompt)])
         rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=packed)
         first_forward = score_forward(policy, value, rows, ppo.temperature, config, train_policy)
         old_logp, old_values = first_forward.logp.detach(), first_forward.values.detach()
