@@ -64,7 +64,7 @@ def _one_line(exc: BaseException) -> str:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             return f"unknown config key '{key}'{hint}"
-        if "Missing mandatory value" in text:
+        if "missing mandatory value" in text.lower():
             return f"config key '{key}' must be set"
         return f"{key}: {text}" if key else text
     return str(exc).splitlines()[0]
@@ -76,8 +76,47 @@ def _is_plain_override(arg: str) -> bool:
     return not arg.startswith("-") and not arg.startswith("hydra")
 
 
+# Keys that name a checkpoint of the user's own, in the order the model is taken from.
+_CHECKPOINT_KEYS = ("model.name_or_path", "ppo.policy", "rm.init_from", "rm.path")
+
+
+def _split(override: str) -> tuple[str, str | None]:
+    key, sep, value = override.partition("=")
+    return key.lstrip("+~"), value if sep else None
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """The command line in the form Hydra reads, for two things users type that its groups cannot:
+
+    - `data=<path to a recipe .yaml>` is `data.recipe=<path>` (a `data=` option names a recipe of
+      data_recipes/);
+    - a checkpoint of one's own (`model.name_or_path`, `ppo.policy`, `rm.init_from`, `rm.path`) with
+      no `model=` choice selects `model=hf` at that path. The default `model=tiny` is the demo: it
+      builds random weights and brings the demo's learning rates, which would silently destroy a
+      pretrained model.
+    """
+    parsed = [_split(o) for o in overrides]
+    result = []
+    for override, (key, value) in zip(overrides, parsed, strict=True):
+        if key == "data" and value and (value.endswith((".yaml", ".yml")) or "/" in value):
+            override = f"data.recipe={value}"
+        result.append(override)
+    choice = next((value for key, value in parsed if key == "model"), None)
+    given = {key: value for key, value in parsed if key in _CHECKPOINT_KEYS and value}
+    if choice == "tiny" and "model.name_or_path" in given:
+        raise ConfigError(
+            f"model=tiny is the embedded demo model (random init, demo learning rates); for "
+            f"'{given['model.name_or_path']}' drop model=tiny (model.name_or_path alone loads it, as model=hf)"
+        )
+    if choice is None and given:
+        path = next(given[key] for key in _CHECKPOINT_KEYS if key in given)
+        result = ["model=hf", *([] if "model.name_or_path" in given else [f"model.name_or_path={path}"]), *result]
+    return result
+
+
 def check_overrides(overrides: list[str]) -> AlignConfig:
     """Compose and type-check the config the way Hydra will; raise ConfigError in one line."""
+    overrides = normalize_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
@@ -171,10 +210,14 @@ def _fail(exc: AlignError) -> None:
 
 def main() -> None:
     args = sys.argv[1:]
-    # A multirun sweep ('a=1,2') is not a single config; Hydra checks each job itself.
-    if not any(a in ("-m", "--multirun") or a.startswith(("--help", "-h", "--hydra-help")) for a in args):
-        try:
-            check_overrides([a for a in args if _is_plain_override(a)])
-        except AlignError as exc:
-            _fail(exc)
+    plain = [a for a in args if _is_plain_override(a)]
+    try:
+        normalized = normalize_overrides(plain)
+        # A multirun sweep ('a=1,2') is not a single config; Hydra checks each job itself.
+        if not any(a in ("-m", "--multirun") or a.startswith(("--help", "-h", "--hydra-help")) for a in args):
+            check_overrides(normalized)
+    except AlignError as exc:
+        _fail(exc)
+    # Hydra reads sys.argv itself: it gets the normalized overrides (recorded as such in .hydra/).
+    sys.argv[1:] = [a for a in args if not _is_plain_override(a)] + normalized
     _hydra_entry()

@@ -239,7 +239,15 @@ class AlignConfig:
     or a path to a checkpoint directory."""
     dry_run: bool = False
     """Print the resolved plan and exit before loading weights."""
+    tuning_preset: str | None = None
+    """Set by the tuning/ group: the conf/tuning/ file that adapted the stage's defaults to the chosen
+    model preset (`<stage>_<model>`, e.g. the tiny demo's learning rates); None for other models."""
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="align_schema", node=AlignConfig)
+    store = ConfigStore.instance()
+    store.store(name="align_schema", node=AlignConfig)
+    # Every recipe in data_recipes/ is a `data=` option: the recipes are the one list, so a recipe
+    # added there is selectable at once and a wrong name lists them all.
+    for recipe in sorted((REPO_ROOT / "data_recipes").glob("*.yaml")):
+        store.store(group="data", name=recipe.stem, node=DataConfig(recipe=recipe.stem))

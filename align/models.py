@@ -6,6 +6,7 @@ Weights load only from safetensors, and checkpoint code runs only with
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from transformers import (
 )
 
 from align.chat import ensure_chat_template, stop_token_ids
-from align.config import ModelConfig, PeftConfig
+from align.config import AlignConfig, ModelConfig, PeftConfig
 from align.errors import ConfigError, ModelError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -70,6 +71,33 @@ def load_model_config(cfg: ModelConfig) -> AutoConfig:
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a model config from '{cfg.name_or_path}': {str(exc).splitlines()[0]}") from exc
+
+
+# What makes two checkpoints the same model for a tuning preset's learning rates and batch sizes.
+_ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
+
+
+def _architecture(cfg: ModelConfig) -> dict[str, object]:
+    path = Path(cfg.name_or_path).expanduser()
+    if is_adapter_dir(path):  # a LoRA run's final/: its base model's architecture
+        base = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        cfg = ModelConfig(name_or_path=base, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    config = load_model_config(cfg)
+    return {key: getattr(config, key, None) for key in _ARCHITECTURE}
+
+
+def check_tuning_fits(config: AlignConfig, start: ModelConfig, key: str) -> None:
+    """A tuning preset (conf/tuning/, e.g. the tiny demo's learning rates) is written for its model
+    preset; a checkpoint of another architecture named by `key` must not be trained with it."""
+    if config.tuning_preset is None or start.name_or_path == config.model.name_or_path:
+        return
+    preset, actual = _architecture(config.model), _architecture(start)
+    if preset != actual:
+        shape = ", ".join(f"{k} {v}" for k, v in actual.items())
+        raise ConfigError(
+            f"{key}={start.name_or_path} ({shape}) is not the model conf/tuning/{config.tuning_preset}.yaml is "
+            "written for; drop model=... (its own checkpoint then runs with the stage's defaults, as model=hf)"
+        )
 
 
 def torch_dtype(precision: str) -> torch.dtype:

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from align import rundir
-from align.cli import check_library_names, validate
+from align.cli import check_library_names, normalize_overrides, validate
 from align.config import AlignConfig
 from align.errors import ConfigError
 from align.lineage import is_complete
@@ -43,7 +43,12 @@ def run(config: AlignConfig) -> dict[str, float]:
     if config.pipeline.gold_fn:
         import_reward_fn(config.pipeline.gold_fn, "pipeline.gold_fn")  # a typo fails now, not after training
     out = rundir.prepare(config)
-    shared = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(_PIPELINE_KEYS)]
+    shared = [
+        o
+        for o in HydraConfig.get().overrides.task
+        if not o.lstrip("+~").startswith(_PIPELINE_KEYS) and not o.startswith("model=")
+    ]
+    model_choice = HydraConfig.get().runtime.choices["model"]
     # The folder's name for people, its path's hash so two pipelines both called `pipe` stay apart.
     group = config.logger.group or f"{out.resolve().name}-{stable_run_id(out)[:6]}"
 
@@ -54,14 +59,18 @@ def run(config: AlignConfig) -> dict[str, float]:
         if is_complete(stage_out):
             log.info("%s: complete in %s, skipped", stage, stage_out)
             continue
-        overrides = [
-            f"stage={stage}",
-            f"output_dir={stage_out}",
-            f"logger.group={group}",
-            *shared,
-            *wiring(stage, config, outputs),
-            *getattr(config.pipeline, stage),
-        ]
+        overrides = normalize_overrides(
+            [
+                f"stage={stage}",
+                # The pipeline's model choice, pinned: the wiring's checkpoints are its own stages'.
+                f"model={model_choice}",
+                f"output_dir={stage_out}",
+                f"logger.group={group}",
+                *shared,
+                *wiring(stage, config, outputs),
+                *getattr(config.pipeline, stage),
+            ]
+        )
         log.info("%s: python -m align %s", stage, " ".join(overrides))
         stage_config = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
         validate(stage_config)

@@ -28,7 +28,7 @@ from accelerate.utils import DeepSpeedPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, get_scheduler
 
-from align import models, rundir
+from align import models, plan, rundir
 from align.chat import stop_token_ids
 from align.config import AlignConfig
 from align.data import load_recipe_data
@@ -62,6 +62,7 @@ def run(config: AlignConfig) -> dict[str, float]:
     reward_fn = import_reward_fn(ppo.reward_fn, "ppo.reward_fn") if ppo.reward_fn else None
     monitor_fn = import_reward_fn(ppo.monitor_fn, "ppo.monitor_fn") if ppo.monitor_fn else None
     policy_cfg = replace(config.model, name_or_path=ppo.policy, init="pretrained") if ppo.policy else config.model
+    models.check_tuning_fits(config, policy_cfg, "ppo.policy")
     models.check_lora_targets(policy_cfg, config.peft)
 
     ds_config = deepspeed_config(config)
@@ -109,6 +110,7 @@ def run(config: AlignConfig) -> dict[str, float]:
     reference = None if config.peft.enabled else placement.copy_for_reference(policy_model, load_policy)
     if config.peft.enabled:
         policy_model = models.apply_lora(policy_model, config.peft, new_tokens=False)
+    plan.log_plan(config, policy_cfg, policy_model, tokenizer, is_main=accelerator.is_main_process)
     reward_model = load_frozen_reward_model(ppo.reward_model, config) if ppo.reward_model else None
     value_model = ValueModel(load_value_backbone(config, policy_cfg, tokenizer))
     for model in (policy_model, reference, reward_model, value_model):

@@ -22,7 +22,7 @@ from peft import PeftModel
 from transformers import Trainer
 from trl import RewardConfig, RewardTrainer
 
-from align import models, rundir
+from align import models, plan, rundir
 from align import reward_model as rm
 from align.chat import end_of_turn_id
 from align.config import AlignConfig, ModelConfig
@@ -83,6 +83,7 @@ def start_model(config: AlignConfig) -> ModelConfig:
 
 def run(config: AlignConfig) -> dict[str, float]:
     model_cfg = start_model(config)
+    models.check_tuning_fits(config, model_cfg, "rm.init_from")
     models.check_lora_targets(model_cfg, rm.lora_target_config(config.peft))
     tokenizer = models.load_tokenizer(model_cfg)
     data = load_recipe_data(
@@ -126,6 +127,7 @@ def run(config: AlignConfig) -> dict[str, float]:
             save_random_base(model, out, is_main=args.process_index == 0)  # the adapter's base must reload
         new_tokens = len(tokenizer) > models.load_model_config(model_cfg).vocab_size
         model = rm.apply_lora(model, config.peft, new_tokens=new_tokens)
+    plan.log_plan(config, model_cfg, model, tokenizer, is_main=args.process_index == 0)
 
     trainer = PairwiseRewardTrainer(
         model=model,

@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from align import models, rundir
+from align import models, plan, rundir
 from align import reward_model as rm
 from align.chat import end_of_turn_id
 from align.config import AlignConfig, ModelConfig
@@ -33,7 +33,9 @@ def run(config: AlignConfig) -> dict[str, float]:
     path = Path(config.rm.path).expanduser()
     if not path.is_dir():
         raise ModelError(f"rm.path '{config.rm.path}' is not a directory")
-    tokenizer = models.load_tokenizer(ModelConfig(name_or_path=str(path)))
+    reward_cfg = ModelConfig(name_or_path=str(path))
+    models.check_tuning_fits(config, reward_cfg, "rm.path")
+    tokenizer = models.load_tokenizer(reward_cfg)
     data = load_recipe_data(
         config.data.recipe,
         "preference",
@@ -49,6 +51,7 @@ def run(config: AlignConfig) -> dict[str, float]:
     tracker = Tracker(config, out)
 
     model = rm.load_reward_model(path, tokenizer, precision=config.train.precision)
+    plan.log_plan(config, reward_cfg, model, tokenizer, is_main=True)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     chosen, rejected = rm.score_pairs(model, pairs, tokenizer.pad_token_id, config.train.batch_size)
     metrics = {f"eval/{k}": v for k, v in rm.pair_metrics(chosen, rejected).items()}

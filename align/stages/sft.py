@@ -10,7 +10,7 @@ import logging
 
 from trl import SFTConfig
 
-from align import models, rundir
+from align import models, plan, rundir
 from align.config import AlignConfig
 from align.data import load_recipe_data
 from align.errors import Preempted
@@ -67,6 +67,7 @@ def run(config: AlignConfig) -> dict[str, float]:
             save_random_base(model, out, is_main=args.process_index == 0)
         new_tokens = len(tokenizer) > models.load_model_config(config.model).vocab_size
         model = models.apply_lora(model, config.peft, new_tokens=new_tokens)
+    plan.log_plan(config, config.model, model, tokenizer, is_main=args.process_index == 0)
 
     trainer = AlignSFTTrainer(
         model=model,

@@ -124,6 +124,7 @@ def _check_rm_eval_in_wandb(run_align, reward_model, out):
     recipe.write_text("kind: preference\nsources:\n  - path: pairs.jsonl\n    format: preference\n")
     run_align(
         "stage=rm_eval",
+        "model=tiny",
         f"rm.path={reward_model}",
         f"data.recipe={recipe}",
         "logger=wandb",

@@ -304,8 +304,8 @@ def _policy_that_ends_at_once(folder: Path) -> Path:
 def test_sampling_stops_at_the_templates_end_of_turn(run_align, tmp_path):
     policy = _policy_that_ends_at_once(tmp_path / "policy")
     out = tmp_path / "ppo"
-    run_align("stage=ppo", BREVITY, f"ppo.policy={policy}", "ppo.prompts_per_step=2", "train.batch_size=2",
-              "ppo.max_new_tokens=8", "train.max_steps=1", f"output_dir={out}")  # fmt: skip
+    run_align("stage=ppo", "model=tiny", BREVITY, f"ppo.policy={policy}", "ppo.prompts_per_step=2",
+              "train.batch_size=2", "ppo.max_new_tokens=8", "train.max_steps=1", f"output_dir={out}")  # fmt: skip
     (step,) = read_log(out)
     assert (step["ppo/response_length"], step["ppo/eos_rate"]) == (1.0, 1.0)
     saved = json.loads((out / "final" / "generation_config.json").read_text())

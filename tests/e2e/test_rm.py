@@ -124,6 +124,7 @@ def test_rm_eval_matches_the_runs_final_eval(trained, prefs, run_align, tmp_path
     out = tmp_path / "rm_eval"
     run_align(
         "stage=rm_eval",
+        "model=tiny",
         f"rm.path={trained / 'final'}",
         f"data.recipe={prefs[1]}",
         f"output_dir={out}",
@@ -140,6 +141,7 @@ def test_fine_tune_starts_from_the_pmp_run(trained, prefs, run_align, tmp_path):
     out = tmp_path / "finetune"
     run_align(
         "stage=rm",
+        "model=tiny",
         f"rm.init_from={trained / 'final'}",
         f"data.recipe={prefs[0]}",
         "train.max_steps=2",
@@ -177,7 +179,9 @@ def test_lora_adapter_and_head_reload_and_reproduce_the_scores(prefs, run_align,
     model = PeftModel.from_pretrained(base, str(final)).eval()
     _, eval_only = prefs
     scored = tmp_path / "scored"
-    run_align("stage=rm_eval", f"rm.path={final}", f"data.recipe={eval_only}", f"output_dir={scored}", env=ENV)
+    run_align(
+        "stage=rm_eval", "model=tiny", f"rm.path={final}", f"data.recipe={eval_only}", f"output_dir={scored}", env=ENV
+    )
     assert read_metrics(scored)["eval/margin"] == pytest.approx(metrics["eval/margin"], abs=1e-4)
     rows = [json.loads(line) for line in (scored / "samples.jsonl").read_text().splitlines()]
     tokenizer = models.load_tokenizer(ModelConfig(name_or_path=str(final)))

@@ -18,6 +18,7 @@ GROUPS = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in ("pe
 @pytest.mark.parametrize("model", MODELS)
 def test_every_stage_and_model_composes(stage, model):
     extra = ["rm.path=/any/rm"] if stage == "rm_eval" else []
+    extra += ["model.name_or_path=/any/model"] if model == "hf" else []
     config = check_overrides([f"stage={stage}", f"model={model}", *extra])
     assert config.stage_name == stage
     assert config.model.name_or_path
@@ -74,3 +75,57 @@ def test_bad_config_through_the_entry_point(override):
     assert lines[0].startswith("align: ConfigError: ")
     assert override.split("=")[0] in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+RECIPES = sorted(p.stem for p in (REPO_ROOT / "data_recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_is_a_data_option(recipe):
+    assert check_overrides([f"data={recipe}"]).data.recipe == recipe
+
+
+def test_a_recipe_path_is_a_data_option(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    assert check_overrides(["stage=sft", f"data={recipe}"]).data.recipe == str(recipe)
+    assert check_overrides(["stage=sft", "data=data_recipes/alpaca_sft.yaml"]).data.recipe == (
+        "data_recipes/alpaca_sft.yaml"
+    )
+
+
+def test_an_unknown_recipe_lists_every_recipe():
+    with pytest.raises(ConfigError) as err:
+        check_overrides(["stage=sft", "data=alpaca"])
+    assert all(recipe in str(err.value) for recipe in RECIPES)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo", "pipeline"])
+def test_a_model_path_alone_loads_its_weights_with_the_stage_defaults(stage):
+    own = check_overrides([f"stage={stage}", "model.name_or_path=/my/model", "output_dir=out"])
+    preset = check_overrides([f"stage={stage}", "model=hf", "model.name_or_path=/my/model", "output_dir=out"])
+    assert own == preset
+    assert (own.model.name_or_path, own.model.init, own.tuning_preset) == ("/my/model", "pretrained", None)
+    assert own.train == check_overrides([f"stage={stage}", "model=qwen2.5-7b"]).train  # no demo tuning
+
+
+@pytest.mark.parametrize(
+    ("override", "stage"),
+    [("ppo.policy=/my/sft", "ppo"), ("rm.init_from=/my/sft", "rm"), ("rm.path=/my/rm", "rm_eval")],
+)
+def test_a_checkpoint_of_ones_own_selects_model_hf(override, stage):
+    config = check_overrides([f"stage={stage}", override])
+    assert (config.model.name_or_path, config.model.init) == (override.split("=")[1], "pretrained")
+    assert config.tuning_preset is None
+    # Named with model=tiny, the demo's tuning stays (the pipeline's own stages; checked against the
+    # checkpoint's architecture when the stage starts: test_models.py).
+    assert check_overrides([f"stage={stage}", "model=tiny", override]).tuning_preset == f"{stage}_tiny"
+
+
+def test_tiny_refuses_a_model_path():
+    with pytest.raises(ConfigError, match="model=tiny is the embedded demo model"):
+        check_overrides(["model=tiny", "model.name_or_path=/my/model"])
+
+
+def test_hf_needs_a_path():
+    with pytest.raises(ConfigError, match=r"config key 'model\.name_or_path' must be set"):
+        check_overrides(["model=hf"])
