@@ -9,24 +9,47 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from align.config import AlignConfig, ModelConfig
+from align.config import REPO_ROOT, AlignConfig, ModelConfig
 from align.distributed import world_info
 from align.models import load_model_config
 from align.tracking import config_dict
 
 GiB = 2**30
+# config.json of the hub ids in conf/model/, named <org>--<name>.json: a job is sized before it
+# is queued, often on a login node that cannot reach the hub.
+HUB_CONFIGS = REPO_ROOT / "align" / "assets" / "hub_configs"
 
 
-def parameter_counts(model_cfg: ModelConfig) -> tuple[int, int]:
+def shipped_config(name_or_path: str) -> Path | None:
+    path = HUB_CONFIGS / f"{name_or_path.replace('/', '--')}.json"
+    return path if path.is_file() else None
+
+
+def architecture(model_cfg: ModelConfig) -> tuple[PretrainedConfig, str]:
+    """The model's config and where it came from: a local directory's config.json, else the copy
+    shipped for its hub id, else the hub."""
+    name = model_cfg.name_or_path
+    local = Path(name).expanduser().is_dir()
+    shipped = None if local else shipped_config(name)
+    if shipped is None:
+        return load_model_config(model_cfg), f"config.json of {name} ({'local directory' if local else 'hub'})"
+    config = AutoConfig.from_pretrained(shipped)
+    source = f"shipped config for {name} ({shipped.relative_to(REPO_ROOT)})"
+    # Set only where the shipped file is a stand-in for a config transformers cannot build offline.
+    note = getattr(config, "align_note", None)
+    return config, f"{source}; {note}" if note else source
+
+
+def parameter_counts(config: PretrainedConfig, trust_remote_code: bool = False) -> tuple[int, int]:
     """(total parameters, largest single layer's parameters), from the config alone."""
-    config = load_model_config(model_cfg)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     total = sum({p.data_ptr() if p.device.type != "meta" else id(p): p.numel() for p in model.parameters()}.values())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest
@@ -71,9 +94,15 @@ def report(config: AlignConfig) -> str:
             f"{train.batch_size * train.grad_accum * world} sequences per optimizer step"
         )
     model_cfg = config.model
-    if config.stage_name == "ppo" and config.ppo.policy:
-        model_cfg = replace(model_cfg, name_or_path=config.ppo.policy, init="pretrained")
-    total, largest = parameter_counts(model_cfg)
+    policy = config.ppo.policy if config.stage_name == "ppo" else None
+    if policy and (Path(policy).expanduser().exists() or policy == model_cfg.name_or_path):
+        model_cfg = replace(model_cfg, name_or_path=policy, init="pretrained")
+    elif policy:
+        # A PPO job is often sized before the SFT run that writes its policy has finished.
+        lines.append(f"ppo.policy {policy} does not exist yet: sized as model.name_or_path {model_cfg.name_or_path}")
+    config_json, source = architecture(model_cfg)
+    total, largest = parameter_counts(config_json, model_cfg.trust_remote_code)
+    lines.append(f"architecture: {source}")
     lines.append(f"model: {model_cfg.name_or_path}: {total / 1e6:.1f}M parameters (largest layer {largest / 1e6:.1f}M)")
     if config.peft.enabled:
         lines.append("peft: LoRA trains a small adapter; the estimates below are for full finetuning (an upper bound)")
