@@ -63,8 +63,17 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def adapter_base(path: str | Path) -> str:
+    """The base model a LoRA adapter directory (a peft=lora run's final/) was trained on."""
+    return json.loads((Path(path).expanduser() / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
 def load_model_config(cfg: ModelConfig) -> AutoConfig:
+    """The architecture of a checkpoint; of a LoRA adapter directory, its base model's."""
     _check_exists(cfg)
+    if is_adapter_dir(cfg.name_or_path):
+        cfg = ModelConfig(name_or_path=adapter_base(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code)
+        _check_exists(cfg)
     try:
         return AutoConfig.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
@@ -78,10 +87,6 @@ _ARCHITECTURE = ("model_type", "hidden_size", "num_hidden_layers", "intermediate
 
 
 def _architecture(cfg: ModelConfig) -> dict[str, object]:
-    path = Path(cfg.name_or_path).expanduser()
-    if is_adapter_dir(path):  # a LoRA run's final/: its base model's architecture
-        base = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-        cfg = ModelConfig(name_or_path=base, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     config = load_model_config(cfg)
     return {key: getattr(config, key, None) for key in _ARCHITECTURE}
 
@@ -119,6 +124,11 @@ def load_causal_lm(
     dropout: float | None = None,
 ) -> PreTrainedModel:
     """A causal LM ready for training: embeddings cover the tokenizer, dropout as asked."""
+    if cfg.init == "pretrained" and is_adapter_dir(cfg.name_or_path):
+        raise ModelError(
+            f"'{cfg.name_or_path}' holds a LoRA adapter (a peft=lora run's final/), not a whole model; start from "
+            "its merged weights (peft.merge=true writes final/merged/)"
+        )
     config = load_model_config(cfg)
     if dropout is not None and hasattr(config, "attention_dropout"):
         config.attention_dropout = dropout

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, align_env
+from tests.own_models import pretrained_tiny
 from tests.unit.test_reward_tokenizer import reward_model_of_another_tokenizer
 
 TINY = REPO / "align" / "assets" / "tiny"
@@ -155,6 +156,14 @@ def bad(tmp_path_factory) -> Path:
     (root / "not_a_checkpoint" / "notes.txt").write_text("no trainer_state.json here\n")
     # A reward model of another tokenizer, which the value model cannot start from.
     reward_model_of_another_tokenizer(root / "foreign_rm")
+    # A model of another architecture, which the tiny demo's tuning must not train.
+    pretrained_tiny(root / "wide", hidden_size=128, intermediate_size=256)
+    # A LoRA SFT run's final/: an adapter and a tokenizer, no whole model.
+    (root / "lora_final").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY / name, root / "lora_final")
+    adapter = {"base_model_name_or_path": str(TINY), "task_type": "CAUSAL_LM", "peft_type": "LORA"}
+    (root / "lora_final" / "adapter_config.json").write_text(json.dumps(adapter))
     return root
 
 
@@ -197,6 +206,12 @@ STAGE_CASES = {
     "ppo rollout not divisible": ("ConfigError", "train.batch_size=2", [*PPO, "ppo.prompts_per_step=3",
                                   "ppo.responses_per_prompt=1", "train.batch_size=2"]),
     "ppo policy missing": ("ModelError", "'{bad}/nowhere' does not exist", [*PPO, "ppo.policy={bad}/nowhere"]),
+    "ppo policy a LoRA adapter": ("ModelError", "'{bad}/lora_final' holds a LoRA adapter",
+                                  [*PPO, "ppo.policy={bad}/lora_final"]),
+    "demo tuning on another model": ("ConfigError", "is not the model conf/tuning/ppo_tiny.yaml is written for",
+                                     [*PPO, "model=tiny", "ppo.policy={bad}/wide"]),
+    "tiny with a path of one's own": ("ConfigError", "model=tiny is the embedded demo model",
+                                      [SFT, "model=tiny", "model.name_or_path={bad}/wide"]),
     "rm_eval on a missing model": ("ModelError", "rm.path '{bad}/nowhere'", ["stage=rm_eval", "rm.path={bad}/nowhere"]),
     "pipeline with an unknown stage": ("ConfigError", "pipeline.stages", ["stage=pipeline", "pipeline.stages=[dpo]"]),
 }  # fmt: skip
