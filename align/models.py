@@ -6,6 +6,7 @@ Weights load only from safetensors, and checkpoint code runs only with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -109,6 +110,14 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[resolve_precision(precision)]
 
 
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision: forwards in bf16/fp16 over fp32 weights (a no-op in fp32). An Adam step of
+    ~lr is below half a bf16 spacing of a weight near 0.02, so weights stored in bf16 barely train
+    at RLHF learning rates; the trained weights and their optimizer state stay fp32."""
+    dtype = torch_dtype(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
@@ -119,11 +128,11 @@ def load_causal_lm(
     cfg: ModelConfig,
     tokenizer: PreTrainedTokenizerBase,
     *,
-    precision: str = "auto",
     seed: int = 0,
     dropout: float | None = None,
 ) -> PreTrainedModel:
-    """A causal LM ready for training: embeddings cover the tokenizer, dropout as asked."""
+    """A causal LM ready for training: fp32 weights (the optimizer's master copy; bf16 compute comes
+    from autocast or DeepSpeed), embeddings cover the tokenizer, dropout as asked."""
     if cfg.init == "pretrained" and is_adapter_dir(cfg.name_or_path):
         raise ModelError(
             f"'{cfg.name_or_path}' holds a LoRA adapter (a peft=lora run's final/), not a whole model; start from "
@@ -132,18 +141,17 @@ def load_causal_lm(
     config = load_model_config(cfg)
     if dropout is not None and hasattr(config, "attention_dropout"):
         config.attention_dropout = dropout
-    dtype = torch_dtype(precision)
     kwargs = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": cfg.attn_implementation}
     if cfg.init == "random":
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 cfg.name_or_path,
                 config=config,
                 revision=cfg.revision,
-                dtype=dtype,
+                dtype=torch.float32,
                 use_safetensors=True,
                 **kwargs,
             )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from align.config import AlignConfig
 from align.distributed import REUSE_DISTRIBUTED_STATE, build_deepspeed_config, world_info
 from align.models import resolve_precision
@@ -29,8 +31,11 @@ def hf_training_kwargs(config: AlignConfig, *, has_eval: bool) -> dict[str, Any]
         "adam_beta2": train.adam_beta2,
         "adam_epsilon": train.adam_eps,
         "max_grad_norm": train.max_grad_norm,
+        # Mixed precision: the Trainer autocasts over the fp32 weights models.load_* give it.
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
+        # transformers accepts bf16 without a GPU only when told the run is on the CPU.
+        "use_cpu": precision == "bf16" and not torch.cuda.is_available(),
         "activation_checkpointing": train.gradient_checkpointing,
         "logging_steps": train.logging_steps,
         "logging_first_step": True,

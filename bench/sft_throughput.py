@@ -138,7 +138,7 @@ def our_trainer(path: Path, data: Dataset, packing: bool, out: Path, steps: int)
     )
     tokenizer = models.load_tokenizer(config.model)
     model = models.load_causal_lm(
-        config.model, tokenizer, precision=config.train.precision, seed=config.seed, dropout=config.train.dropout
+        config.model, tokenizer, seed=config.seed, dropout=config.train.dropout
     )
     args = sft_args(config, has_eval=False)
     args.disable_tqdm = True
@@ -149,7 +149,7 @@ def our_trainer(path: Path, data: Dataset, packing: bool, out: Path, steps: int)
 def trl_trainer(path: Path, data: Dataset, packing: bool, out: Path, steps: int):
     config = check_overrides(["stage=sft", f"model.name_or_path={path}", "model.init=random", "train.dropout=0.0"])
     tokenizer = models.load_tokenizer(config.model)
-    model = models.load_causal_lm(config.model, tokenizer, precision="fp32", seed=config.seed, dropout=0.0)
+    model = models.load_causal_lm(config.model, tokenizer, seed=config.seed, dropout=0.0)
     # TRL's defaults except what a CPU and this comparison need: fp32, the same batch and max length.
     args = SFTConfig(
         output_dir=str(out),

@@ -28,7 +28,7 @@ from torch import nn
 
 from align.distributed import any_rank
 from align.errors import CheckpointError
-from align.models import is_adapter_dir
+from align.models import autocast, is_adapter_dir
 from align.ppo.forward import ValueModel
 
 OPTIMIZER_FILE = "optimizer.pt"
@@ -42,9 +42,10 @@ class Placement:
     weak reference) to build models partitioned and to gather them when resizing or saving.
     """
 
-    def __init__(self, accelerator: Accelerator, ds_config: dict[str, Any] | None) -> None:
+    def __init__(self, accelerator: Accelerator, ds_config: dict[str, Any] | None, precision: str = "fp32") -> None:
         self.accelerator = accelerator
         self.ds_config = ds_config
+        self.precision = precision
         self.zero_stage = ds_config["zero_optimization"]["stage"] if ds_config else 0
         self._hf_ds_config = None
         if self.zero_stage == 3:
@@ -55,11 +56,11 @@ class Placement:
     def trained(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainedModel:
         if self.ds_config is None:
             model, optimizer = self.accelerator.prepare(model, optimizer)
-            return TrainedModel(model, optimizer, scheduler, self.accelerator, engine=None)
+            return TrainedModel(model, optimizer, scheduler, self.accelerator, engine=None, precision=self.precision)
         import deepspeed
 
         engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
-        return TrainedModel(engine, ds_optimizer, scheduler, self.accelerator, engine=engine)
+        return TrainedModel(engine, ds_optimizer, scheduler, self.accelerator, engine=engine, precision=self.precision)
 
     def frozen(self, model: nn.Module | None) -> nn.Module | None:
         """A model that only runs forward: a ZeRO-3 inference engine (sharded), else a replica."""
@@ -85,13 +86,18 @@ class Placement:
 class TrainedModel:
     """A model PPO trains, with its optimiser and learning-rate schedule."""
 
-    def __init__(self, model: nn.Module, optimizer, scheduler, accelerator: Accelerator, engine) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer, scheduler, accelerator: Accelerator, engine, precision: str = "fp32"
+    ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.accelerator = accelerator
         self.engine = engine
+        self.precision = precision
 
     def __call__(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        # Every training forward in the run's compute precision over the fp32 weights.
+        with autocast(self.precision, self.accelerator.device):
+            return self.model(*args, **kwargs)
 
     @property
     def module(self) -> nn.Module:

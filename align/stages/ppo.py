@@ -101,10 +101,11 @@ def run(config: AlignConfig) -> dict[str, float]:
 
     # The four roles, on one process, data parallel or DeepSpeed ZeRO (models load into shards under
     # ZeRO-3). Dropout off everywhere: rollout and update must agree on log-probs.
-    placement = Placement(accelerator, ds_config)
+    precision = models.resolve_precision(config.train.precision)
+    placement = Placement(accelerator, ds_config, precision)
 
     def load_policy():
-        return models.load_causal_lm(policy_cfg, tokenizer, precision=config.train.precision, seed=config.seed)
+        return models.load_causal_lm(policy_cfg, tokenizer, seed=config.seed)
 
     policy_model = load_policy()
     reference = None if config.peft.enabled else placement.copy_for_reference(policy_model, load_policy)
@@ -157,7 +158,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         prompt_ids = [row["prompt_input_ids"] for row in batch for _ in range(ppo.responses_per_prompt)]
 
         # 1. Rollout (under ZeRO-3 the policy is gathered once for the whole batch).
-        with policy.for_generation() as whole_policy:
+        with policy.for_generation() as whole_policy, models.autocast(precision, accelerator.device):
             rollout = sample(
                 whole_policy,
                 prompt_ids,
@@ -176,7 +177,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=packed)
         first_forward = score_forward(policy, value, rows, ppo.temperature, config, train_policy)
         old_logp, old_values = first_forward.logp.detach(), first_forward.values.detach()
-        with torch.no_grad():
+        with torch.no_grad(), models.autocast(precision, accelerator.device):
             ref_logp = reference_logprobs(reference, policy, rows, ppo.temperature)
             scores, score_parts, scored = score_rollout(reward_model, reward_tokenizer, reward_fn, rows, episodes)
         if ppo.missing_eos_penalty is not None:
@@ -300,6 +301,11 @@ def check_config(config: AlignConfig) -> None:
         raise ConfigError("stage=ppo needs ppo.reward_model=<rm dir> or ppo.reward_fn=module:function (or both)")
     if ppo.value_init not in ("reward_model", "policy"):
         raise ConfigError(f"ppo.value_init must be reward_model or policy, not '{ppo.value_init}'")
+    if models.resolve_precision(config.train.precision) == "fp16" and config.deepspeed.stage == 0:
+        raise ConfigError(
+            "PPO in fp16 needs loss scaling, which align leaves to DeepSpeed: use train.precision=bf16 (or "
+            "deepspeed=zero2/zero3)"
+        )
     if ppo.kl_estimator not in ("k1", "k3"):
         raise ConfigError(f"ppo.kl_estimator must be k1 or k3, not '{ppo.kl_estimator}'")
     for key, ok, rule in _RANGES:
@@ -363,7 +369,7 @@ def load_value_backbone(config: AlignConfig, policy_cfg, tokenizer) -> torch.nn.
         num_labels=1,
         use_safetensors=True,
         trust_remote_code=policy_cfg.trust_remote_code,
-        dtype=models.torch_dtype(config.train.precision),
+        dtype=torch.float32,  # trained: the optimizer's master copy, computed in bf16 under autocast
         pad_token_id=tokenizer.pad_token_id,
     )
 

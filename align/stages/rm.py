@@ -114,9 +114,8 @@ def run(config: AlignConfig) -> dict[str, float]:
     tracker = Tracker(config, out, is_main=args.process_index == 0)
     preempted = PreemptionCallback(Preemption().install())
 
-    model = rm.load_reward_model(
-        model_cfg, tokenizer, precision=config.train.precision, seed=config.seed, dropout=config.train.dropout
-    )
+    # fp32 weights, the optimizer's master copy: the Trainer computes in bf16 under autocast.
+    model = rm.load_reward_model(model_cfg, tokenizer, seed=config.seed, dropout=config.train.dropout)
     if isinstance(model, PeftModel):  # started from a LoRA RM (a LoRA PMP run): fold it in first
         model = model.merge_and_unload()
         weights_on_disk = False

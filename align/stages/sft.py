@@ -55,13 +55,7 @@ def run(config: AlignConfig) -> dict[str, float]:
     tracker = Tracker(config, out, is_main=args.process_index == 0)
     preempted = PreemptionCallback(Preemption().install())
 
-    model = models.load_causal_lm(
-        config.model,
-        tokenizer,
-        precision=config.train.precision,
-        seed=config.seed,
-        dropout=config.train.dropout,
-    )
+    model = models.load_causal_lm(config.model, tokenizer, seed=config.seed, dropout=config.train.dropout)
     if config.peft.enabled:
         if config.model.init == "random":
             save_random_base(model, out, is_main=args.process_index == 0)
