@@ -173,8 +173,10 @@ def check_library_names(config: AlignConfig) -> None:
 
 def run_stage(config: AlignConfig) -> dict[str, float]:
     from align.distributed import init_distributed
+    from align.models import resolve_precision
 
     check_library_names(config)
+    resolve_precision(config.train.precision)  # a precision the hardware lacks fails before any work
     if config.dry_run:
         from align.dry_run import report
 

@@ -118,10 +118,37 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def bf16_hardware() -> str | None:
+    """What computes bf16 natively here: a GPU, or a CPU with AMX or AVX512-BF16 (where a bf16
+    matmul runs several times an fp32 one); None when bf16 would be emulated, slower than fp32."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name() if torch.cuda.is_bf16_supported() else None
+    if torch.cpu._is_amx_tile_supported():
+        return "a CPU with AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "a CPU with AVX512-BF16"
+    return None
+
+
 def resolve_precision(precision: str) -> str:
+    """'auto' is bf16 where the hardware computes it natively, else fp32; a forced choice stays."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a GPU (loss-scaled fp16 training); use bf16 or fp32 here")
     if precision != "auto":
         return precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if bf16_hardware() else "fp32"
+
+
+def describe_precision(precision: str) -> str:
+    """One line for the start-up block: the choice, what it became and why."""
+    hardware = bf16_hardware()
+    resolved = resolve_precision(precision)
+    if resolved == "bf16":
+        why = f"bf16 on {hardware}" if hardware else "bf16 emulated: this hardware has no bf16 units, slower than fp32"
+        return f"{precision} -> {resolved} ({why}; fp32 weights and optimizer state)"
+    if precision == "auto":
+        return f"auto -> {resolved} (no bf16 hardware: no GPU with bf16, a CPU without AMX or AVX512-BF16)"
+    return f"{precision} -> {resolved}"
 
 
 def load_causal_lm(

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from align.chat import CHATML_TEMPLATE, end_of_turn_id
 from align.config import CONF_DIR, AlignConfig, ModelConfig
 from align.distributed import world_info
-from align.models import load_model_config, resolve_precision
+from align.models import describe_precision, load_model_config
 
 log = logging.getLogger("align")
 _ABSENT = object()
@@ -123,5 +123,5 @@ def describe(config: AlignConfig, model_cfg: ModelConfig, model: nn.Module, toke
         f"from:      [default] align/config.py (the Qwen report), [stage] conf/stage/{config.stage_name}.yaml"
         f"{tuning}, [override] the command line"
     )
-    lines.append(f"precision: {config.train.precision} -> {resolve_precision(config.train.precision)}")
+    lines.append(f"precision: {describe_precision(config.train.precision)}")
     return "\n  ".join(lines)

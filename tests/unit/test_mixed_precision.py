@@ -58,10 +58,26 @@ def test_bf16_steps_at_a_small_lr_move_the_weights_as_fp32_steps_do(policy):
     assert moved_share(copy.deepcopy(policy).to(torch.bfloat16), "bf16") < 0.5
 
 
-def test_fp16_ppo_without_deepspeed_is_refused():
+def test_fp16_needs_a_gpu_and_ppo_in_fp16_deepspeed(monkeypatch):
     config = check_overrides(["stage=ppo", "model=tiny", "ppo.reward_fn=m:f", "train.precision=fp16"])
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        check_config(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the check a GPU machine gets to
     with pytest.raises(ConfigError, match="loss scaling"):
         check_config(config)
+
+
+def test_the_start_up_block_says_what_precision_runs_and_why(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert models.resolve_precision("auto") == "bf16"
+    assert models.describe_precision("auto") == (
+        "auto -> bf16 (bf16 on a CPU with AMX; fp32 weights and optimizer state)"
+    )
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert models.resolve_precision("auto") == "fp32"
+    assert "no bf16 hardware" in models.describe_precision("auto")
+    assert "emulated" in models.describe_precision("bf16")
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm"])
