@@ -24,7 +24,8 @@ from align.errors import DataError
 
 log = logging.getLogger("align.data")
 # Bump when the processing changes what a cached folder would hold.
-CACHE_VERSION = 3  # 2: prompt rows carry their source row's other columns; 3: and its prompt format
+# 2: prompt rows carry their source row's other columns; 3: and its prompt format; 4: preference rows their margin
+CACHE_VERSION = 4
 MARKER = "complete"
 POLL_S = 1.0
 

@@ -183,20 +183,26 @@ def preference_format(row: Row, columns: dict[str, str]) -> list[Row]:
     """prompt/chosen/rejected as strings or message lists; the prompt may be implicit or repeated.
 
     UltraFeedback binarized repeats the user turn at the head of ``chosen`` and ``rejected``; TRL's
-    implicit-prompt form has no ``prompt`` at all. Both reduce to the shared prefix.
+    implicit-prompt form has no ``prompt`` at all. Both reduce to the shared prefix. An optional
+    ``margin`` number (TRL's column, which ``rm.margin=true`` subtracts inside the loss) stays with its pair.
     """
     chosen = _messages(_get(row, "chosen", columns), columns.get("chosen", "chosen"), "assistant")
     rejected = _messages(_get(row, "rejected", columns), columns.get("rejected", "rejected"), "assistant")
     prompt_column = columns.get("prompt", "prompt")
     if row.get(prompt_column) is None:
-        return [_pair(*_split_shared_prompt(chosen, rejected))]
-    prompt = _messages(row[prompt_column], prompt_column, "user")
-    if chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt:
-        chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
-    elif chosen[0]["role"] != "assistant" and chosen[0] == rejected[0]:
-        # Full conversations whose head differs from the given prompt text (e.g. whitespace).
-        prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
-    return [_pair(prompt, chosen, rejected)]
+        pair = _pair(*_split_shared_prompt(chosen, rejected))
+    else:
+        prompt = _messages(row[prompt_column], prompt_column, "user")
+        if chosen[: len(prompt)] == prompt and rejected[: len(prompt)] == prompt:
+            chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
+        elif chosen[0]["role"] != "assistant" and chosen[0] == rejected[0]:
+            # Full conversations whose head differs from the given prompt text (e.g. whitespace).
+            prompt, chosen, rejected = _split_shared_prompt(chosen, rejected)
+        pair = _pair(prompt, chosen, rejected)
+    margin_column = columns.get("margin", "margin")
+    if row.get(margin_column) is not None:
+        pair["margin"] = _score(row[margin_column], margin_column)
+    return [pair]
 
 
 def parse_hh_transcript(text: Any, field: str) -> list[dict[str, str]]:

@@ -95,10 +95,17 @@ def run(config: AlignConfig) -> dict[str, float]:
         on_error=config.data.on_error,
         cache_dir=config.data.cache_dir,
     )
-    if config.rm.margin and "margin" not in data.train.column_names:
-        raise DataError(f"rm.margin=true, but recipe '{config.data.recipe}' has no `margin` column")
+    if config.rm.margin and ("margin" not in data.train.column_names or None in data.train["margin"]):
+        raise DataError(
+            f"rm.margin=true needs a `margin` number on every pair, and recipe '{config.data.recipe}' has pairs "
+            "without one"
+        )
+    pairs = data.train
+    if not config.rm.margin and "margin" in pairs.column_names:
+        # Unread, and in a mixture of sources with and without margins it holds None, which TRL's collator cannot batch.
+        pairs = pairs.remove_columns("margin")
     end_of_turn = end_of_turn_id(tokenizer)
-    train = rm.reward_rows(data.train, end_of_turn)
+    train = rm.reward_rows(pairs, end_of_turn)
     held_out = rm.reward_rows(data.eval, end_of_turn) if data.eval is not None else None
     args = RewardConfig(
         **hf_training_kwargs(config, has_eval=held_out is not None),

@@ -193,3 +193,27 @@ def test_lora_adapter_and_head_reload_and_reproduce_the_scores(prefs, run_align,
     with torch.no_grad():
         reward = rm.rewards_at_last_token(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
     assert reward.item() == pytest.approx(rows[0]["reward_chosen"], abs=1e-3)
+
+
+def test_margin_column_enters_the_loss(run_align, tmp_path):
+    """rm.margin=true subtracts each pair's `margin` inside the loss, -log sigmoid(r_c - r_r - margin). A
+    new head scores both sides of a pair about alike, so the first step's loss is about log(1 + e^3) for a
+    margin of 3, and log 2 without: rm.margin=false on a mixture where some pairs have none trains too."""
+    rng = random.Random(0)
+    (tmp_path / "margin.jsonl").write_text("".join(json.dumps({**_pair(rng), "margin": 3.0}) + "\n" for _ in range(32)))
+    (tmp_path / "plain.jsonl").write_text("".join(json.dumps(_pair(rng)) + "\n" for _ in range(4)))
+    source = "  - path: {}.jsonl\n    format: preference\n"
+    (tmp_path / "margin.yaml").write_text("kind: preference\nsources:\n" + source.format("margin"))
+    (tmp_path / "mixed.yaml").write_text(
+        "kind: preference\nsources:\n" + source.format("margin") + source.format("plain")
+    )
+    first_loss = {}
+    for recipe, margin in (("margin", "true"), ("mixed", "false")):
+        out = tmp_path / recipe
+        run_align("stage=rm", "model=tiny", f"data.recipe={tmp_path / recipe}.yaml", f"rm.margin={margin}",
+                  "train.max_steps=1", "train.logging_steps=1", "train.eval_steps=0", f"output_dir={out}",
+                  env=ENV)  # fmt: skip
+        (first,) = [row for row in read_log(out) if "train/loss" in row and row["step"] == 1]
+        first_loss[recipe] = first["train/loss"]
+    assert first_loss["margin"] == pytest.approx(math.log1p(math.exp(3.0)), abs=0.15), first_loss
+    assert first_loss["mixed"] == pytest.approx(math.log(2), abs=0.15), first_loss

@@ -86,6 +86,17 @@ def test_explicit_preference_strings(tmp_path, tok):
     assert row["rejected_input_ids"] == encode(tok, render(tok, [msg(U, "q"), msg(A, "bad")], False))
 
 
+def test_a_preference_pair_keeps_its_margin(tmp_path, tok):
+    (row,) = load(
+        tmp_path, tok, "preference", "preference", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2}]
+    )
+    assert row["margin"] == 2.0
+    (pair,) = preference_format({"prompt": "q", "chosen": "a", "rejected": "b", "gap": 0.5}, {"margin": "gap"})
+    assert pair["margin"] == 0.5
+    with pytest.raises(RowError, match="expected a number"):
+        preference_format({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, {})
+
+
 def test_ultrafeedback_binarized_repeats_prompt_in_responses():
     row = {
         "prompt": "q",
