@@ -162,8 +162,16 @@ class PPOConfig:
     temperature: float = 1.0
     top_p: float = 0.9
     """Nucleus sampling (Qwen: 0.9)."""
-    missing_eos_penalty: float | None = None
-    """Subtracted from the score of responses that end without EOS."""
+    missing_eos_penalty: float | None = 1.0
+    """Subtracted from the score of each response cut off at max_new_tokens before its end of turn,
+    after reward_norm and before reward_clip (align.ppo.rewards.shaped_scores); null: none. The reward
+    model learned to read a reward at the end of a turn, so its reading of a cut-off response is
+    outside its training, and without a penalty running to the length limit can pay. 1.0 as TRL's
+    PPO examples pass (`--missing_eos_penalty 1.0`, subtracted from the score) and as the N+ details
+    (Huang et al. 2024) score a cut-off response, -1 on a reward normalised to mean 0: in normalised
+    units it is one running std with reward_norm_std, else one Bradley-Terry logit of the reward
+    model (a 73% preference). OpenRLHF's stop_properly_penalty_coef, off by default, scales the
+    reward instead, which would raise a negative one."""
     kl_coef: float = 0.04
     """Per-token KL penalty against the reference (Qwen: 0.04); the start value when adaptive."""
     kl_estimator: str = "k1"

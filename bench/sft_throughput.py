@@ -137,9 +137,7 @@ def our_trainer(path: Path, data: Dataset, packing: bool, out: Path, steps: int)
         ]
     )
     tokenizer = models.load_tokenizer(config.model)
-    model = models.load_causal_lm(
-        config.model, tokenizer, seed=config.seed, dropout=config.train.dropout
-    )
+    model = models.load_causal_lm(config.model, tokenizer, seed=config.seed, dropout=config.train.dropout)
     args = sft_args(config, has_eval=False)
     args.disable_tqdm = True
     args.save_strategy = "no"  # the final save falls after the timed steps; skipping it only saves wall time

@@ -1,5 +1,6 @@
 """PPO checkpoints that continue a run exactly: weights, optimisers, schedulers, controller,
-normaliser, RNG and data position, written atomically (a temporary folder renamed when whole).
+normaliser, RNG and data position (the prompts', and the PTX data's when ppo.ptx_coef > 0), written
+atomically (a temporary folder renamed when whole).
 
 `trainer_state.json` is written last inside the temporary folder, so a folder named
 `checkpoint-N` always holds a complete checkpoint (what `rundir.complete_checkpoints` looks for).

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
+
+from align.ppo.normalize import AllReduce, dist_all_reduce
 
 KLEstimator = Literal["k1", "k2", "k3"]
 
@@ -54,6 +57,21 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k1") ->
     return fn(logp, ref_logp)
 
 
+def mean_kl_over_ranks(seq_kl: Tensor, all_reduce: AllReduce = dist_all_reduce) -> tuple[float, int]:
+    """``[B]`` summed KL of each of this rank's responses -> (the mean over every rank's responses, how many).
+
+    What the adaptive controller is given: with each rank's own mean, the ranks would scale their
+    penalties apart, the logged coefficient (a mean over ranks) would hide it, and a checkpoint (which
+    holds rank 0's controller) would resume the other ranks with another coefficient. Every rank must
+    call it.
+    """
+    local = torch.stack(
+        [seq_kl.detach().to(torch.float64).sum(), seq_kl.new_tensor(seq_kl.numel(), dtype=torch.float64)]
+    )
+    total, count = all_reduce(local).tolist()
+    return total / count, int(count)
+
+
 class FixedKLController:
     """A constant KL coefficient (the Qwen recipe: 0.04)."""
 
@@ -76,7 +94,8 @@ class AdaptiveKLController:
     Steers the observed KL towards ``target``: the coefficient is multiplied by
     ``1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``. ``current_kl`` is the mean over
     the rollout batch of each response's summed per-token KL, and ``n_steps`` is the number of
-    responses in that batch (as in the paper and TRL's former PPOTrainer).
+    responses in that batch (as in the paper and TRL's former PPOTrainer), over all ranks
+    (`mean_kl_over_ranks`).
     """
 
     def __init__(self, init_coef: float, target: float, horizon: float) -> None:

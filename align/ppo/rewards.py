@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from align.ppo.normalize import RunningMoments, normalize_reward
+
 
 def last_token_index(attention_mask: Tensor) -> Tensor:
     """``[B, T]`` 0/1 mask -> ``[B]`` index of the last position whose mask is 1.
@@ -57,10 +59,35 @@ def has_eos(response_ids: Tensor, response_mask: Tensor, eos_token_ids: int | Se
 def penalize_missing_eos(scores: Tensor, ended_with_eos: Tensor, penalty: float) -> Tensor:
     """Subtract ``penalty`` from the score of each response that was truncated before its EOS.
 
-    A reward model scores truncated text too; without a penalty the policy can learn that
-    rambling to the length limit pays (the N+ details, Huang et al. 2024, use a fixed penalty).
+    A reward model learned to read a reward at the end of a turn, so its reading of truncated text
+    is one it was never trained for; without a penalty the policy can learn that rambling to the
+    length limit pays (the N+ details, Huang et al. 2024, use a fixed penalty).
     """
     return torch.where(ended_with_eos, scores, scores - penalty)
+
+
+def shaped_scores(
+    scores: Tensor,
+    ended_with_eos: Tensor,
+    moments: RunningMoments | None,
+    *,
+    use_std: bool = False,
+    missing_eos_penalty: float | None = None,
+    clip: float | None = None,
+) -> Tensor:
+    """``scores [B]`` as read (reward model and function) -> the scores PPO trains on: normalised by
+    the running statistics ``moments`` (already updated with this batch; None: not normalised), less
+    ``missing_eos_penalty`` for each response cut off before its EOS, clipped to ``[-clip, clip]``.
+
+    The penalty comes after the normalisation, in the units PPO trains on: the statistics describe
+    what the reward read (a penalty inside them would shift the running mean and widen the running
+    std with the share of cut-off responses), and with ``use_std`` the penalty is a number of
+    standard deviations whatever the reward model's scale. The clip, last, bounds the result.
+    """
+    shaped = normalize_reward(scores, moments, use_std=use_std, update=False) if moments is not None else scores
+    if missing_eos_penalty is not None:
+        shaped = penalize_missing_eos(shaped, ended_with_eos, missing_eos_penalty)
+    return shaped if clip is None else shaped.clamp(-clip, clip)
 
 
 def per_token_rewards(score: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float) -> Tensor:

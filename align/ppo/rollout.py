@@ -146,20 +146,23 @@ def _sample_tokens(
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """``[N, V]`` logits -> ``[N]`` ids: temperature, then nucleus (top-p) sampling.
-
-    The top-p cut is transformers' ``TopPLogitsWarper``: drop the tokens whose cumulative
-    probability, summed from the least likely up, is at most ``1 - top_p``; keep the most likely.
-    """
+    """``[N, V]`` logits -> ``[N]`` ids: temperature, then nucleus (top-p) sampling."""
     if temperature != 1.0:
         logits = logits / temperature
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=False)
-        cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum_probs <= (1 - top_p)
-        remove[:, -1] = False
-        logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(-1)
+    return torch.multinomial(top_p_filter(logits, top_p).softmax(dim=-1), num_samples=1).squeeze(-1)
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """``[N, V]`` logits with the tokens outside the nucleus set to -inf, as transformers'
+    ``TopPLogitsWarper`` cuts: drop the tokens whose cumulative probability, summed from the least
+    likely up, is at most ``1 - top_p``; keep the most likely."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+    cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum_probs <= (1 - top_p)
+    remove[:, -1] = False
+    return logits.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
 
 
 def micro_batches(n: int, size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:

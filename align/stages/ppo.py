@@ -41,12 +41,12 @@ from align.plugins import Episodes, import_reward_fn
 from align.ppo import checkpoint
 from align.ppo.advantages import gae, whiten_advantages
 from align.ppo.forward import ValueModel, disable_dropout, response_logprobs
-from align.ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty
+from align.ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty, mean_kl_over_ranks
 from align.ppo.losses import explained_variance, policy_loss, value_loss
 from align.ppo.masked import masked_mean
-from align.ppo.normalize import RunningMoments, normalize_reward
+from align.ppo.normalize import RunningMoments
 from align.ppo.placement import Placement, TrainedModel
-from align.ppo.rewards import penalize_missing_eos, per_token_rewards
+from align.ppo.rewards import per_token_rewards, shaped_scores
 from align.ppo.rollout import Rollout, rollout_episodes, sample
 from align.preemption import Preemption
 from align.reward_model import episode_rewards, own_tokenizer
@@ -122,7 +122,9 @@ def run(config: AlignConfig) -> dict[str, float]:
         policy_model.gradient_checkpointing_enable()
 
     steps = config.train.max_steps
-    policy = placement.trained(policy_model, *make_optimizer(policy_model, config.train.lr, config, steps))
+    # The policy is frozen while the critic warms up: its schedule spans the steps it trains.
+    policy_steps = max(steps - ppo.value_warmup_steps, 1)
+    policy = placement.trained(policy_model, *make_optimizer(policy_model, config.train.lr, config, policy_steps))
     value = placement.trained(value_model, *make_optimizer(value_model, ppo.value_lr, config, steps))
     reference, reward_model = placement.frozen(reference), placement.frozen(reward_model)
 
@@ -132,8 +134,8 @@ def run(config: AlignConfig) -> dict[str, float]:
         else FixedKLController(ppo.kl_coef)
     )
     moments = RunningMoments()
-    state = TrainState(policy, value, kl_ctl, moments, sampler)
-    ptx_batches = ptx_stream(config, tokenizer, accelerator) if ppo.ptx_coef > 0 else None
+    ptx_batches = PTXBatches(config, tokenizer, accelerator) if ppo.ptx_coef > 0 else None
+    state = TrainState(policy, value, kl_ctl, moments, sampler, ptx_batches)
 
     start_step = 0
     resume_from = rundir.resume_checkpoint(config, out)
@@ -180,16 +182,15 @@ def run(config: AlignConfig) -> dict[str, float]:
         with torch.no_grad(), models.autocast(precision, accelerator.device):
             ref_logp = reference_logprobs(reference, policy, rows, ppo.temperature)
             scores, score_parts, scored = score_rollout(reward_model, reward_tokenizer, reward_fn, rows, episodes)
-        if ppo.missing_eos_penalty is not None:
-            scores = penalize_missing_eos(scores, rollout.ended_with_eos, ppo.missing_eos_penalty)
         if ppo.reward_norm:
             moments.update(scores[scored])  # every rank, even with nothing scored: the statistics are global
-        norm_scores = (
-            normalize_reward(scores, moments, use_std=ppo.reward_norm_std, clip=ppo.reward_clip, update=False)
-            if ppo.reward_norm
-            else scores
-            if ppo.reward_clip is None
-            else scores.clamp(-ppo.reward_clip, ppo.reward_clip)
+        norm_scores = shaped_scores(
+            scores,
+            rollout.ended_with_eos,
+            moments if ppo.reward_norm else None,
+            use_std=ppo.reward_norm_std,
+            missing_eos_penalty=ppo.missing_eos_penalty,
+            clip=ppo.reward_clip,
         )
         mask = rollout.response_mask
         kl = kl_penalty(old_logp, ref_logp, ppo.kl_estimator) * mask
@@ -217,10 +218,13 @@ def run(config: AlignConfig) -> dict[str, float]:
             partial(nonfinite.dropped, step=step + 1),
             packed,
         )
-        policy.scheduler.step()
+        policy_lr = policy.scheduler.get_last_lr()[0]  # the rate this step's policy update used
+        if train_policy:  # frozen during the critic warm-up: its schedule starts when it trains
+            policy.scheduler.step()
         value.scheduler.step()
-        seq_kl = (kl.sum(-1)).mean().item()
-        kl_ctl.update(seq_kl, len(prompt_ids) * accelerator.num_processes)
+        # One controller on every rank: it is given the KL of all ranks' episodes (a collective).
+        seq_kl, episodes_in_step = mean_kl_over_ranks(kl.sum(-1))
+        kl_ctl.update(seq_kl, episodes_in_step)
         t_update = time.perf_counter()
 
         # 5. Log and checkpoint.
@@ -238,7 +242,7 @@ def run(config: AlignConfig) -> dict[str, float]:
             "ppo/advantage_mean": masked_mean(advantages, trained).item(),
             "ppo/explained_variance": explained_variance(old_values, returns, trained).item(),
             "ppo/policy_trained": float(train_policy),
-            "ppo/lr": policy.scheduler.get_last_lr()[0],
+            "ppo/lr": policy_lr,
             **stats,
             "time/generate": t_generate - t0,
             "time/score": t_score - t_generate,
@@ -291,7 +295,10 @@ _RANGES = [
         (key, lambda v: v > 0, "above 0")
         for key in ("clip_eps", "value_clip", "value_lr", "reward_clip", "kl_target", "kl_horizon")
     ),
-    *((key, lambda v: v >= 0, "0 or more") for key in ("kl_coef", "ptx_coef", "value_warmup_steps", "sample_every")),
+    *(
+        (key, lambda v: v >= 0, "0 or more")
+        for key in ("kl_coef", "ptx_coef", "value_warmup_steps", "sample_every", "missing_eos_penalty")
+    ),
 ]
 
 
@@ -535,23 +542,39 @@ def update(
     return {key: val / count for key, val in sums.items()}
 
 
-def ptx_stream(config: AlignConfig, tokenizer, accelerator):
-    """Endless shuffled micro-batches of SFT data for the pretraining-gradient (PTX) loss."""
-    data = load_recipe_data(
-        config.ppo.ptx_data,
-        "sft",
-        tokenizer,
-        seed=config.seed,
-        max_length=config.train.max_length,
-        cache_dir=config.data.cache_dir,
-    ).train
-    gen = torch.Generator().manual_seed(config.seed + accelerator.process_index)
-    size = min(config.train.batch_size, len(data))
-    while True:
-        order = torch.randperm(len(data), generator=gen).tolist()
-        for start in range(0, len(order) - size + 1, size):
-            rows = [data[i] for i in order[start : start + size]]
-            yield collate_lm(rows, tokenizer.pad_token_id, accelerator.device)
+class PTXBatches:
+    """Endless micro-batches of SFT data for the pretraining-gradient (PTX) loss: shuffled passes
+    sharded by rank, drawn by a PromptSampler over the rows, so that the position checkpoints and a
+    resumed run goes on with the batches it would have drawn."""
+
+    def __init__(self, config: AlignConfig, tokenizer, accelerator: Accelerator) -> None:
+        self.data = load_recipe_data(
+            config.ppo.ptx_data,
+            "sft",
+            tokenizer,
+            seed=config.seed,
+            max_length=config.train.max_length,
+            cache_dir=config.data.cache_dir,
+        ).train
+        world = accelerator.num_processes
+        if len(self.data) < world:
+            raise ConfigError(f"ppo.ptx_data={config.ppo.ptx_data} has {len(self.data)} rows, fewer than {world} ranks")
+        per_rank = min(config.train.batch_size, len(self.data) // world)
+        self.sampler = PromptSampler(len(self.data), per_rank, accelerator, seed=config.seed)
+        self.pad_id, self.device = tokenizer.pad_token_id, accelerator.device
+
+    def __iter__(self) -> PTXBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        rows = [self.data[i] for i in self.sampler.next_indices()]
+        return collate_lm(rows, self.pad_id, self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
 
 
 def collate_lm(rows: list[dict], pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -617,7 +640,8 @@ def summarize(history: list[dict[str, float]]) -> dict[str, float]:
 
 
 class PromptSampler:
-    """Shuffled passes over the prompts, sharded by rank, with a position that checkpoints."""
+    """Shuffled passes over the prompts (or the PTX data's rows), sharded by rank, with a position that
+    checkpoints."""
 
     def __init__(self, size: int, per_rank: int, accelerator: Accelerator, seed: int) -> None:
         if size < per_rank * accelerator.num_processes:
@@ -654,6 +678,7 @@ class TrainState:
     kl_ctl: FixedKLController | AdaptiveKLController
     moments: RunningMoments
     sampler: PromptSampler
+    ptx: PTXBatches | None
 
 
 def save_checkpoint(out: Path, step: int, config: AlignConfig, accelerator: Accelerator, state: TrainState) -> None:
@@ -671,6 +696,8 @@ def save_checkpoint(out: Path, step: int, config: AlignConfig, accelerator: Acce
             "kl_ctl": state.kl_ctl.state_dict(),
             "reward_moments": state.moments.state_dict(),
             "sampler": state.sampler.state_dict(),
+            # Every rank draws as many PTX batches per step, so rank 0's position is every rank's.
+            "ptx": state.ptx.state_dict() if state.ptx is not None else None,
         },
         rank=accelerator.process_index,
         is_main=accelerator.is_main_process,
@@ -688,6 +715,8 @@ def restore(path: Path, accelerator: Accelerator, state: TrainState) -> int:
     state.kl_ctl.load_state_dict(saved["kl_ctl"])
     state.moments.load_state_dict(saved["reward_moments"])
     state.sampler.load_state_dict(saved["sampler"])
+    if state.ptx is not None and saved.get("ptx") is not None:  # else PTX was off when saved: it starts now
+        state.ptx.load_state_dict(saved["ptx"])
     checkpoint.set_rng_state(rng)
     return int(saved["step"])
 

@@ -17,6 +17,10 @@ Trainer as always. The only addition is a callback appended to each Trainer (by 
 - `init.safetensors` (rank 0): the full initial weights (gathered under ZeRO-3), so the test can
   check that `final/` moved away from them.
 
+In PPO (no Trainer) each rank writes ALIGN_PROBE_DIR/kl_rank{N}.json instead: every call of the
+adaptive KL controller's `update` as this rank made it (the KL and episode count it was given, the
+coefficient after).
+
 ALIGN_PROBE_PREEMPT_AT=N sends this process SIGUSR1 as step N begins, so align's own preemption
 handler (align/preemption.py, what SLURM triggers) checkpoints at the end of step N and the run
 exits with REQUEUE_EXIT_CODE: a real mid-run stop, for the resume test.
@@ -33,6 +37,8 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+
+from align.ppo.kl import AdaptiveKLController
 
 PROBE_DIR = os.environ.get("ALIGN_PROBE_DIR")
 PREEMPT_AT = int(os.environ.get("ALIGN_PROBE_PREEMPT_AT", "0"))
@@ -142,6 +148,20 @@ def _training_step_with_record(self: Trainer, model, inputs, *args: Any, **kwarg
 
 Trainer.__init__ = _init_with_probe
 Trainer.training_step = _training_step_with_record
+
+_kl_update = AdaptiveKLController.update
+_kl_calls: list[dict[str, float]] = []
+
+
+def _kl_update_with_record(self: AdaptiveKLController, current_kl: float, n_steps: int) -> None:
+    _kl_update(self, current_kl, n_steps)
+    _kl_calls.append({"kl": current_kl, "n_steps": n_steps, "coef": self.value})
+    if PROBE_DIR:
+        Path(PROBE_DIR).mkdir(parents=True, exist_ok=True)
+        (Path(PROBE_DIR) / f"kl_rank{_rank()}.json").write_text(json.dumps(_kl_calls))
+
+
+AdaptiveKLController.update = _kl_update_with_record
 
 if __name__ == "__main__":
     from align.cli import main

@@ -5,11 +5,12 @@ Two trained engines (policy, value), the reference and a rule-based reward on th
 runs the rollout as one micro-batch (the scoring forward's graph reused by the update); ZeRO-3 takes
 two micro-batches per mini-batch (DeepSpeed's gradient accumulation). Each saves a whole final/ that
 reloads on one process; a ZeRO-3 run killed after a sharded checkpoint and resumed ends exactly where
-an uninterrupted one does.
+an uninterrupted one does. The adaptive KL controller is one controller across ranks.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -128,3 +129,39 @@ def test_ppo_zero3_two_ranks_resumes_from_sharded_checkpoint(tmp_path, data_cach
         diff = max((a[k] - b[k]).abs().max().item() for k in b)
         print(f"final {name}: largest difference resumed vs uninterrupted {diff:.2e}")
         assert diff <= 1e-6
+
+
+def test_adaptive_kl_sees_the_kl_of_every_ranks_episodes(tmp_path, data_cache) -> None:
+    """Each rank samples its own episodes, so their KLs differ once the policy moves. The controller must
+    be given the mean over all ranks' episodes: with each rank's own, the ranks' penalties drift apart,
+    the logged coefficient (a mean over ranks) hides it, and a checkpoint (rank 0's controller) resumes
+    rank 1 with another one."""
+    steps = 3
+    run = launch(
+        tmp_path / "kl",
+        data_cache,
+        "stage=ppo",
+        "ppo.reward_fn=tests.rewards:brevity",
+        f"train.max_steps={steps}",
+        "train.save_steps=2",
+        "train.precision=fp32",
+        "ppo.prompts_per_step=4",
+        "ppo.responses_per_prompt=2",
+        "ppo.value_warmup_steps=0",  # the policy moves at step 1: KL from step 2
+        "ppo.max_new_tokens=8",
+        "ppo.adaptive_kl=true",
+        "ppo.kl_horizon=100",
+        *ONE_MICRO_BATCH,
+        "deepspeed=zero2",
+    )
+    calls = [json.loads((run.out / "probe" / f"kl_rank{rank}.json").read_text()) for rank in range(N_RANKS)]
+    logged = {row["step"]: row for row in read_log(run.out)}
+    assert len(calls[0]) == len(calls[1]) == steps
+    for step, (rank0, rank1) in enumerate(zip(*calls, strict=True), start=1):
+        assert rank0 == rank1, step  # the same KL, episode count and coefficient on every rank
+        assert rank0["n_steps"] == N_RANKS * 4 * 2
+        assert rank0["kl"] == pytest.approx(logged[step]["ppo/kl"], rel=1e-9, abs=1e-12)  # the global mean
+        assert rank0["coef"] == logged[step]["ppo/kl_coef"]
+    assert abs(calls[0][-1]["kl"]) > 1e-3  # the policy moved: the ranks' KLs were not all 0
+    saved = json.loads((run.out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["kl_ctl"]["value"] == calls[1][1]["coef"]  # rank 0's checkpoint resumes rank 1 as it was

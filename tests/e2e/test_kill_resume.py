@@ -39,13 +39,16 @@ STAGES = {
     "ppo": [
         "stage=ppo",
         "ppo.reward_fn=align.tasks.sorting:gold_reward",
-        "ppo.value_warmup_steps=2",
+        "ppo.value_warmup_steps=1",  # checkpoint-2 already holds a policy step (its PTX batches drawn)
         "ppo.prompts_per_step=2",
         "ppo.max_new_tokens=12",
         # Two shuffled passes in two mini-batches: the resumed run must draw the same shuffles.
         "ppo.epochs=2",
         "ppo.mini_batches=2",
         "train.batch_size=2",
+        # The PTX stream too: a resumed run must go on where its SFT batches stopped.
+        "ppo.ptx_coef=0.5",
+        "ppo.ptx_data=demo_sft",
     ],
 }
 TIMEOUT = 600

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -119,7 +121,7 @@ def test_lora_ppo_trains_an_adapter_against_its_own_base(run_align, tmp_path):
     # The random tiny base again (same config and seed as the run), with the saved adapter on top.
     tiny = ModelConfig(name_or_path=str(REPO_ROOT / "align" / "assets" / "tiny"), init="random")
     tokenizer = models.load_tokenizer(tiny)
-    base = models.load_causal_lm(tiny, tokenizer, precision="fp32", seed=42)  # model=tiny, the default seed
+    base = models.load_causal_lm(tiny, tokenizer, seed=42)  # model=tiny, the default seed
     adapted = PeftModel.from_pretrained(base, final).eval()
     merged = AutoModelForCausalLM.from_pretrained(final / "merged").eval()
     ids = torch.tensor([tokenizer("Sort: 4 7 1")["input_ids"]])
@@ -153,10 +155,48 @@ def test_ppo_recipe_options_run_together(run_align, tmp_path):
     assert "ppo/ptx_loss" not in log[0]  # critic warm-up: the policy, and its PTX loss, wait
     assert all(math.isfinite(r["ppo/ptx_loss"]) and r["ppo/ptx_loss"] > 0 for r in log[1:])
     assert all(abs(r["ppo/reward_norm"]) <= 1.0 for r in log)
-    coefs = [r["ppo/kl_coef"] for r in log]
-    assert len(set(coefs)) == len(coefs) and all(0 < c < 1 for c in coefs)  # the controller moves it every step
+    # Ziegler et al. (2019): e = clip(KL / target - 1, -0.2, 0.2), beta *= 1 + e * n / horizon, with n the
+    # step's responses; beta rises when the step's KL is above the target and falls when below.
+    ppo = yaml.safe_load((out / "config.yaml").read_text())["ppo"]
+    n = ppo["prompts_per_step"] * ppo["responses_per_prompt"]
+    beta, target = ppo["kl_coef"], ppo["kl_target"]
+    for r in log:
+        error = min(max(r["ppo/kl"] / target - 1.0, -0.2), 0.2)
+        assert r["ppo/kl_coef"] == pytest.approx(beta * (1.0 + error * n / ppo["kl_horizon"]), rel=1e-12), r
+        assert (r["ppo/kl_coef"] > beta) == (r["ppo/kl"] > target), r
+        beta = r["ppo/kl_coef"]
+    assert log[0]["ppo/kl"] < target < log[-1]["ppo/kl"]  # both directions seen: warm-up KL 0, then the policy moves
     value = json.loads((out / "final" / "value" / "config.json").read_text())
     assert value["architectures"] == ["Qwen2ForSequenceClassification"]
+
+
+def test_the_policy_lr_schedule_starts_when_the_policy_trains(run_align, tmp_path):
+    """The policy is frozen while the critic warms up, so its schedule waits: a linear decay over the 2
+    policy steps of a 4-step run with 2 warm-up steps trains with lr, then lr / 2 (ppo/lr: the rate of
+    the step's policy update)."""
+    out = tmp_path / "ppo"
+    run_align("stage=ppo", BREVITY, "train.max_steps=4", "ppo.value_warmup_steps=2", "train.lr_scheduler=linear",
+              "train.warmup_steps=0", "train.warmup_ratio=0", "train.lr=1e-4", "ppo.prompts_per_step=2",
+              "train.batch_size=2", "ppo.max_new_tokens=4", "ppo.epochs=1", "ppo.mini_batches=1",
+              f"output_dir={out}")  # fmt: skip
+    log = read_log(out)
+    assert [r["ppo/policy_trained"] for r in log] == [0.0, 0.0, 1.0, 1.0]
+    assert [r["ppo/lr"] for r in log] == pytest.approx([1e-4, 1e-4, 1e-4, 5e-5], rel=1e-9)
+
+
+def test_a_cut_off_response_pays_the_missing_eos_penalty_after_normalisation(run_align, tmp_path):
+    """The default ppo.missing_eos_penalty (1.0) lowers the normalised score of each response cut off at
+    ppo.max_new_tokens. A constant reward normalises to 0, so each step's mean normalised score is
+    -1.0 x the share cut off, however many were cut: the running mean cannot absorb the penalty."""
+    out = tmp_path / "ppo"
+    run_align("stage=ppo", "ppo.reward_fn=tests.rewards:constant", "train.max_steps=2", "ppo.prompts_per_step=2",
+              "train.batch_size=2", "ppo.max_new_tokens=3", "ppo.value_warmup_steps=0",
+              f"output_dir={out}")  # fmt: skip
+    log = read_log(out)
+    assert [r["ppo/reward_raw"] for r in log] == [0.5, 0.5]  # what the reward read, penalty apart
+    assert any(r["ppo/eos_rate"] < 1 for r in log)  # a random tiny policy rarely ends within 3 tokens
+    for r in log:
+        assert r["ppo/reward_norm"] == pytest.approx(-(1.0 - r["ppo/eos_rate"]), abs=1e-6), r
 
 
 def test_ppo_needs_a_reward(run_align, tmp_path):

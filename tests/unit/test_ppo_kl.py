@@ -1,11 +1,21 @@
 """KL estimators and KL-coefficient controllers."""
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from align.ppo.kl import AdaptiveKLController, FixedKLController, kl_k1, kl_k2, kl_k3, kl_penalty
+from align.ppo.kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    kl_penalty,
+    mean_kl_over_ranks,
+)
 
 
 def test_estimators_by_hand() -> None:
@@ -69,3 +79,44 @@ def test_adaptive_controller_state_round_trip() -> None:
     ctl.update(3.0, 64)
     resumed.update(3.0, 64)
     assert resumed.value == ctl.value
+
+
+def _on_ranks(fn, per_rank: list):
+    """``fn(x, all_reduce)`` for each rank's ``x`` at once (threads), with an all-reduce that sums what
+    every rank sends, as torch.distributed's does."""
+    sent: list = [None] * len(per_rank)
+    barrier = threading.Barrier(len(per_rank))
+
+    def all_reduce_of(rank: int):
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            sent[rank] = t
+            barrier.wait()
+            total = torch.stack(sent).sum(0)
+            barrier.wait()  # nobody sends again before every rank has summed
+            return total
+
+        return all_reduce
+
+    with ThreadPoolExecutor(len(per_rank)) as pool:
+        return list(pool.map(lambda rank: fn(per_rank[rank], all_reduce_of(rank)), range(len(per_rank))))
+
+
+def test_every_rank_updates_its_controller_with_the_kl_of_all_ranks_episodes() -> None:
+    # Rank 0 sampled 3 responses, rank 1 two, with other KLs: each must see the mean of all 5.
+    per_rank = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0])]
+    seen = _on_ranks(mean_kl_over_ranks, per_rank)
+    assert seen == [(36.0 / 5, 5), (36.0 / 5, 5)]
+
+    def controller(kl: float, n: int) -> float:
+        ctl = AdaptiveKLController(0.1, target=6.0, horizon=100)
+        ctl.update(kl, n)
+        return ctl.value
+
+    # KL 7.2 against target 6: error 0.2 (at the clip), factor 1 + 0.2 * 5 / 100 = 1.01, on both ranks.
+    assert [controller(*s) for s in seen] == [pytest.approx(0.101)] * 2
+    # Each rank's own mean (2 and 15) would have moved the two controllers apart.
+    assert controller(2.0, 3) != controller(15.0, 2)
+
+
+def test_mean_kl_on_one_process_is_the_plain_mean() -> None:
+    assert mean_kl_over_ranks(torch.tensor([0.5, -0.25, 1.0, 0.75])) == (0.5, 4)

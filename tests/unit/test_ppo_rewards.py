@@ -1,8 +1,10 @@
-"""The reward lands at the last real response token, whatever the padding side."""
+"""The reward lands at the last real response token, whatever the padding side; a cut-off response
+pays the missing-EOS penalty in the units PPO trains on."""
 
 import pytest
 import torch
 
+from align.ppo.normalize import RunningMoments
 from align.ppo.rewards import (
     gather_at,
     has_eos,
@@ -10,6 +12,7 @@ from align.ppo.rewards import (
     penalize_missing_eos,
     per_token_rewards,
     response_mask_after_eos,
+    shaped_scores,
 )
 
 
@@ -89,3 +92,31 @@ def test_missing_eos_penalty_hits_only_truncated_rows() -> None:
     ended = has_eos(ids, mask, 2)
     assert ended.tolist() == [True, False]
     torch.testing.assert_close(penalize_missing_eos(torch.tensor([1.0, 1.0]), ended, 0.5), torch.tensor([1.0, 0.5]))
+
+
+def test_the_missing_eos_penalty_comes_after_the_normalisation_and_before_the_clip() -> None:
+    scores = torch.tensor([1.0, 3.0, 5.0, 7.0])  # mean 4, population std sqrt(5)
+    ended = torch.tensor([True, False, True, False])
+    cut = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    moments = RunningMoments(all_reduce=None)
+    moments.update(scores)
+    # The statistics are the scores' as read; the penalty is then 1.0 in normalised units (here 1 std).
+    assert (moments.mean, moments.var) == (4.0, 5.0)
+    torch.testing.assert_close(
+        shaped_scores(scores, ended, moments, use_std=True, missing_eos_penalty=1.0), (scores - 4.0) / 5**0.5 - cut
+    )
+    # The clip bounds the result: -1 - 1 = -2 and 3 - 1 = 2 both reach it.
+    torch.testing.assert_close(
+        shaped_scores(scores, ended, moments, missing_eos_penalty=1.0, clip=1.5), torch.tensor([-1.5, -1.5, 1.0, 1.5])
+    )
+    # Without normalisation the penalty comes off the scores as read; without a penalty they stay.
+    torch.testing.assert_close(shaped_scores(scores, ended, None, missing_eos_penalty=0.5), scores - 0.5 * cut)
+    torch.testing.assert_close(shaped_scores(scores, ended, None), scores)
+
+
+def test_a_running_mean_cannot_absorb_the_missing_eos_penalty() -> None:
+    # Every response cut off, all read alike (a policy that never ends yet): each still pays the penalty.
+    scores, ended = torch.full((4,), 0.5), torch.zeros(4, dtype=torch.bool)
+    moments = RunningMoments(all_reduce=None)
+    moments.update(scores)
+    torch.testing.assert_close(shaped_scores(scores, ended, moments, missing_eos_penalty=1.0), torch.full((4,), -1.0))

@@ -1,6 +1,8 @@
-"""The update reusing the scoring forward (a rollout of one micro-batch) is the plain update."""
+"""The update reusing the scoring forward (a rollout of one micro-batch) is the plain update; the PTX
+loss trains the policy."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from align.ppo.forward import ValueModel, disable_dropout, response_logprobs
 from align.ppo.placement import Placement
 from align.ppo.rollout import sample
 from align.rows import enable_packing, make_rows
-from align.stages.ppo import make_optimizer, score_forward, update
+from align.stages.ppo import collate_lm, make_optimizer, score_forward, update
 
 TINY = REPO_ROOT / "align" / "assets" / "tiny"
 
@@ -101,3 +103,56 @@ def test_update_reusing_the_scoring_forward_equals_a_fresh_forward(packed):
         for a, b in zip(trained["reused"][0].module.parameters(), policy.parameters(), strict=True)
     )
     assert moved > 1e-4  # both paths really trained the policy
+
+
+def test_the_ptx_loss_alone_trains_the_policy():
+    """With every advantage 0 the clipped policy loss has no gradient, so whatever moves the policy is
+    the PTX loss: its gradient, ppo.ptx_coef times the language-modelling loss's, reaches the weights;
+    without PTX nothing moves."""
+    config = AlignConfig(stage_name="ppo", output_dir="unused")
+    config.train.batch_size = 4
+    config.ppo.prompts_per_step, config.ppo.responses_per_prompt = 4, 1
+    config.ppo.mini_batches, config.ppo.epochs = 1, 1
+    config.ppo.ptx_coef = 0.5
+    config.train.lr, config.train.weight_decay = 1e-3, 0.0  # no decay: a zero gradient leaves AdamW still
+    config.train.warmup_steps, config.train.warmup_ratio = 0, 0.0
+    placement = Placement(Accelerator(cpu=True), ds_config=None)
+    policy, value = _models(packed=False)
+    torch.manual_seed(1)
+    rollout = sample(
+        policy,
+        [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]],
+        pad_id=0,
+        eos_ids=[2],
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=1.0,
+        device=torch.device("cpu"),
+    )
+    rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=False)
+    zeros = torch.zeros_like(rollout.response_mask)
+    sft = [
+        {"input_ids": [5, 6, 7, 8, 9, 10], "assistant_masks": [0, 0, 1, 1, 1, 1]},
+        {"input_ids": [11, 12, 13], "assistant_masks": [0, 1, 1]},
+    ]
+    ptx_batch = collate_lm(sft, pad_id=0, device=torch.device("cpu"))
+
+    lm = copy.deepcopy(policy)
+    lm(**ptx_batch).loss.backward()
+    lm_grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in lm.parameters() if p.grad is not None]))
+
+    moved, stats = {}, {}
+    for name, ptx in (("ptx", itertools.repeat(ptx_batch)), ("none", None)):
+        p, v = copy.deepcopy(policy), copy.deepcopy(value)
+        trained_p = placement.trained(p, *make_optimizer(p, config.train.lr, config, 10))
+        trained_v = placement.trained(v, *make_optimizer(v, config.ppo.value_lr, config, 10))
+        with torch.no_grad():
+            old_logp, _ = response_logprobs(trained_p, rows, 1.0)
+            old_values = trained_v(rows)
+        stats[name] = update(
+            config, trained_p, trained_v, rollout, old_logp, old_values, zeros, zeros, True, ptx, None, _finite, False
+        )
+        moved[name] = max((a - b).abs().max().item() for a, b in zip(p.parameters(), policy.parameters(), strict=True))
+    assert moved["none"] == 0.0 and stats["none"]["ppo/policy_grad_norm"] == 0.0
+    assert moved["ptx"] > 1e-4
+    assert stats["ptx"]["ppo/policy_grad_norm"] == pytest.approx(0.5 * lm_grad_norm.item(), rel=1e-4)
