@@ -50,7 +50,8 @@ def run(config: AlignConfig) -> dict[str, float]:
     out = rundir.prepare(config)
     tracker = Tracker(config, out)
 
-    model = rm.load_reward_model(path, tokenizer, precision=config.train.precision)
+    # fp32 weights, as an rm run saves them and scores its held-out pairs with.
+    model = rm.load_reward_model(path, tokenizer)
     plan.log_plan(config, reward_cfg, model, tokenizer, is_main=True)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     chosen, rejected = rm.score_pairs(model, pairs, tokenizer.pad_token_id, config.train.batch_size)

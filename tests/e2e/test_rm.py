@@ -69,6 +69,9 @@ def trained(prefs, tmp_path_factory, data_cache):
         "model=tiny",
         f"data.recipe={prefs[0]}",
         f"train.max_steps={STEPS}",
+        # fp32: the tests below compare rm_eval's scores (fp32) with this run's to 1e-4; a bf16 run
+        # (auto on a CPU with AMX) agrees with them to ~1e-3.
+        "train.precision=fp32",
         "train.eval_steps=30",
         "train.logging_steps=10",
         f"output_dir={out}",
@@ -143,6 +146,7 @@ def test_fine_tune_starts_from_the_pmp_run(trained, prefs, run_align, tmp_path):
         "stage=rm",
         "model=tiny",
         f"rm.init_from={trained / 'final'}",
+        "train.precision=fp32",  # its first evaluation is compared with the PMP run's to 1e-4
         f"data.recipe={prefs[0]}",
         "train.max_steps=2",
         "train.eval_steps=30",
@@ -163,6 +167,7 @@ def test_lora_adapter_and_head_reload_and_reproduce_the_scores(prefs, run_align,
         "peft=lora",
         "peft.r=8",
         "peft.alpha=16",
+        "train.precision=fp32",  # compared with rm_eval to 1e-4, as above
         f"data.recipe={prefs[0]}",
         "train.max_steps=10",
         "train.eval_steps=0",
