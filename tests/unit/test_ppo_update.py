@@ -33,6 +33,21 @@ def _models(packed: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     return policy, value
 
 
+def _rollout(policy: torch.nn.Module):
+    """Four episodes of up to six sampled tokens, the same ones on every call."""
+    torch.manual_seed(1)
+    return sample(
+        policy,
+        [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]],
+        pad_id=0,
+        eos_ids=[2],
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=1.0,
+        device=torch.device("cpu"),
+    )
+
+
 def _finite(what: str) -> None:
     raise AssertionError(f"non-finite {what}")
 
@@ -54,17 +69,7 @@ def test_update_reusing_the_scoring_forward_equals_a_fresh_forward(packed):
             placement.trained(p, *make_optimizer(p, config.train.lr, config, 10)),
             placement.trained(v, *make_optimizer(v, config.ppo.value_lr, config, 10)),
         )
-    torch.manual_seed(1)
-    rollout = sample(
-        policy,
-        [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]],
-        pad_id=0,
-        eos_ids=[2],
-        max_new_tokens=6,
-        temperature=1.0,
-        top_p=1.0,
-        device=torch.device("cpu"),
-    )
+    rollout = _rollout(policy)
     advantages, returns = torch.randn(2, *rollout.response_mask.shape)
 
     rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=packed)
@@ -118,17 +123,7 @@ def test_the_ptx_loss_alone_trains_the_policy():
     config.train.warmup_steps, config.train.warmup_ratio = 0, 0.0
     placement = Placement(Accelerator(cpu=True), ds_config=None)
     policy, value = _models(packed=False)
-    torch.manual_seed(1)
-    rollout = sample(
-        policy,
-        [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]],
-        pad_id=0,
-        eos_ids=[2],
-        max_new_tokens=6,
-        temperature=1.0,
-        top_p=1.0,
-        device=torch.device("cpu"),
-    )
+    rollout = _rollout(policy)
     rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=False)
     zeros = torch.zeros_like(rollout.response_mask)
     sft = [
