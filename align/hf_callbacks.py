@@ -1,5 +1,5 @@
-"""Callbacks for the Hugging Face Trainer (SFT and RM stages): metrics to align's Tracker, and the
-non-finite guard."""
+"""Callbacks for the Hugging Face Trainer (SFT and RM stages): metrics to align's Tracker, no checkpoint
+after the last step, and the non-finite guard."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ class TrackerCallback(TrainerCallback):
         metrics = {metric_name(k): v for k, v in logs.items() if k not in _SKIP}
         metrics["train/epoch"] = state.epoch
         self.tracker.log(metrics, step=state.global_step)
+
+
+class NoCheckpointAtTheEnd(TrainerCallback):
+    """The last step is followed by final/, not by a checkpoint: the Trainer's end-of-training save
+    would write the weights again with the optimizer state (the largest write of a run: 12 bytes a
+    parameter in fp32 Adam) for nothing a resume needs, since a finished run is not resumed. PPO
+    does the same. A preemption at the last step still checkpoints (PreemptionCallback, after this)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+        return control
 
 
 class NonFiniteGuard(TrainerCallback):

@@ -28,7 +28,7 @@ from align.chat import end_of_turn_id
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.errors import DataError, Preempted
-from align.hf_callbacks import TrackerCallback
+from align.hf_callbacks import NoCheckpointAtTheEnd, TrackerCallback
 from align.hf_trainer import AlignTrainerMixin
 from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
 from align.preemption import Preemption, PreemptionCallback
@@ -141,7 +141,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         train_dataset=train,
         eval_dataset=held_out,
         processing_class=tokenizer,
-        callbacks=[TrackerCallback(tracker), preempted],
+        callbacks=[TrackerCallback(tracker), NoCheckpointAtTheEnd(), preempted],
         use_margin=config.rm.margin,
         nan_skip_limit=config.train.nan_skip_limit,
     )

@@ -14,7 +14,7 @@ from align import models, plan, rundir
 from align.config import AlignConfig
 from align.data import load_recipe_data
 from align.errors import Preempted
-from align.hf_callbacks import TrackerCallback
+from align.hf_callbacks import NoCheckpointAtTheEnd, TrackerCallback
 from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
 from align.preemption import Preemption, PreemptionCallback
 from align.saving import save_final, save_random_base
@@ -69,7 +69,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[TrackerCallback(tracker), preempted],
+        callbacks=[TrackerCallback(tracker), NoCheckpointAtTheEnd(), preempted],
         nan_skip_limit=config.train.nan_skip_limit,
     )
     train_result = trainer.train(resume_from_checkpoint=rundir.resume_checkpoint(config, out))

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from align.rundir import complete_checkpoints
 from tests.conftest import REPO, align_env
 
-STEPS = 8
+STEPS = 9  # checkpoints 2, 4, 6 and 8 (none after the last step): two chances to catch a write after 4
 COMMON = ["model=tiny", f"train.max_steps={STEPS}", "train.save_steps=2", "train.logging_steps=1"]
 STAGES = {
     "sft": ["stage=sft", "train.eval_steps=0"],
