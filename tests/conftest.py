@@ -1,4 +1,4 @@
-"""Shared fixtures: run `python -m align ...` for real, in a subprocess, on the tiny model."""
+"""Shared fixtures: run `python -m align ...` for real on the tiny model (and the real SmolLM2)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.preloaded import PreloadedPython
 from tests.real_model import smollm2_base_dir, smollm2_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,18 +41,30 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("align-cache")
 
 
-def align_runner(data_cache: Path):
-    """Run the real entry point; return the CompletedProcess (stdout and stderr captured)."""
+_PRELOADED: dict[Path, PreloadedPython] = {}
+
+
+def preloaded_python(data_cache: Path) -> PreloadedPython:
+    """This worker's preloaded Python for runs with this data cache (started on first use)."""
+    if data_cache not in _PRELOADED:
+        logs = data_cache.parent / f"{data_cache.name}-runs"
+        logs.mkdir(exist_ok=True)
+        _PRELOADED[data_cache] = PreloadedPython(align_env(data_cache), REPO, logs)
+    return _PRELOADED[data_cache]
+
+
+def align_runner(data_cache: Path, real: bool = False):
+    """Run the real entry point, `python -m align ...`, forked from a preloaded Python (see
+    tests/preloaded.py) or, with `real`, as a new interpreter; return the CompletedProcess (stdout
+    and stderr captured)."""
 
     def run(*overrides: str, check: bool = True, timeout: float = 600, env: dict | None = None):
-        proc = subprocess.run(
-            [sys.executable, "-m", "align", *overrides],
-            cwd=REPO,
-            env=align_env(data_cache, **(env or {})),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        run_env = align_env(data_cache, **(env or {}))
+        if real:
+            command = [sys.executable, "-m", "align", *overrides]
+            proc = subprocess.run(command, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
+        else:
+            proc = preloaded_python(data_cache).run(list(overrides), run_env, timeout)
         if check and proc.returncode != 0:
             raise AssertionError(
                 f"python -m align {' '.join(overrides)} exited {proc.returncode}\n"
@@ -60,6 +73,11 @@ def align_runner(data_cache: Path):
         return proc
 
     return run
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for server in _PRELOADED.values():
+        server.close()
 
 
 @pytest.fixture

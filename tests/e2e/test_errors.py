@@ -3,10 +3,11 @@
 Each case asserts the exit code, that stderr's last line is `align: <ErrorClass>: ...` naming the
 culprit (key, file, line, field), and that no traceback reached the user.
 
-Config mistakes fail before any stage is imported, so they run as a real `python -m align`.
-Cases that reach a stage would spend most of their time importing torch, transformers and TRL
-afresh; they run `align.cli.main()` in a child forked from this process after those imports,
-with its own stdout, stderr and exit status, as `python -m align` would.
+Config mistakes fail before any stage is imported; they run as `python -m align` through the
+conftest's runner. Cases that reach a stage would spend most of their time importing torch,
+transformers and TRL afresh; they run `align.cli.main()` in a child forked from this process after
+those imports, with its own stdout, stderr and exit status, as `python -m align` would. Both
+stand-ins are checked against a new interpreter at the end of this file.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from tests.conftest import REPO, align_env
+from tests.conftest import REPO, align_env, align_runner, read_log
 from tests.own_models import pretrained_tiny
 from tests.unit.test_reward_tokenizer import reward_model_of_another_tokenizer
 
@@ -237,8 +240,8 @@ def test_rank_outside_world_is_one_line(run_forked, tmp_path):
 
 
 def test_tokenizer_without_pad_pads_with_eos(run_align, bad, tmp_path):
-    # A real process: training in a child forked from a parent whose torch threads already ran
-    # can deadlock in OpenMP, so the fork runner is only for runs that stop before any compute.
+    # Not run_forked: training in a child forked from a parent whose torch threads already ran can
+    # deadlock in OpenMP, so that runner is only for runs that stop before any compute.
     proc = run_align(
         SFT,
         f"model.name_or_path={bad}/no_pad",
@@ -264,8 +267,25 @@ def test_fork_runner_reports_tracebacks_as_python_would(run_forked, monkeypatch)
     assert "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr
 
 
-def test_subprocess_and_fork_agree(run_align, run_forked, bad, tmp_path):
+def test_subprocess_and_fork_agree(data_cache, run_forked, bad, tmp_path):
     """One stage-level case both ways: the fork is a faithful stand-in for `python -m align`."""
     args = ["stage=sft", f"model.name_or_path={bad}/nowhere", f"output_dir={tmp_path / 'out'}"]
-    real, forked = run_align(*args, check=False, timeout=300), run_forked(*args)
+    real, forked = align_runner(data_cache, real=True)(*args, check=False, timeout=300), run_forked(*args)
     assert (real.returncode, real.stderr.splitlines()[-1]) == (forked.returncode, forked.stderr.splitlines()[-1])
+
+
+def test_preloaded_and_real_runs_agree(data_cache, tmp_path):
+    """A run that trains, both ways: a child of the preloaded Python (tests/preloaded.py, what
+    run_align uses) logs the same numbers and saves the same weights as a new interpreter."""
+    runs = {}
+    for name, real in (("real", True), ("preloaded", False)):
+        out = tmp_path / name
+        args = ["stage=sft", "model=tiny", "train.max_steps=2", "train.logging_steps=1", "train.eval_steps=0"]
+        proc = align_runner(data_cache, real=real)(*args, f"output_dir={out}")
+        assert "align sft: what runs" in proc.stdout + proc.stderr
+        losses = [row["train/loss"] for row in read_log(out) if "train/loss" in row]
+        runs[name] = losses, load_file(out / "final" / "model.safetensors")
+    (real_losses, real_weights), (losses, weights) = runs["real"], runs["preloaded"]
+    assert len(losses) == 2 and losses == real_losses
+    assert weights.keys() == real_weights.keys()
+    assert all(torch.equal(weights[k], real_weights[k]) for k in weights)
