@@ -106,7 +106,8 @@ class TrainConfig:
     max_length: int = 2048
     """Longest sequence in tokens; longer rows are dropped and counted by the data recipe."""
     precision: str = "auto"
-    """'auto' (bf16 on a GPU that has it, else fp32), 'bf16', 'fp16' or 'fp32'."""
+    """'auto' (bf16 where the hardware has it: a GPU with bf16, a CPU with AMX-BF16 or AVX512-BF16;
+    else fp32), 'bf16', 'fp16' (GPU) or 'fp32'. Weights and optimizer state stay fp32 either way."""
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     eval_steps: int = 200

@@ -1,7 +1,7 @@
 """`python -m align` without paying for its imports on every run.
 
-Most of a short run on the tiny model is a fresh interpreter importing torch, transformers, TRL and
-PEFT (about 6 s of CPU each time, measured on the 2-core CI machine). A preloaded Python imports
+Most of a short run on the tiny model is a fresh interpreter importing torch, transformers and
+PEFT (about 5 s of CPU each time, measured on the 2-core CI machine). A preloaded Python imports
 them once and, for each run, forks a child that does what `python -m align ARGS` does: it takes the
 run's environment, working directory and argv, runs align/__main__.py as `__main__` (runpy, as
 `-m` does) and exits the way that interpreter would (its exit code, or 1 and a traceback).
@@ -32,17 +32,19 @@ RUNTIME_ENV = ("WANDB_", "ALIGN_", "POISON", "RANK", "WORLD_SIZE", "LOCAL_RANK",
 
 
 def _preload() -> None:
+    # Not TRL, which imports wandb: wandb makes its temporary media folder when imported and removes
+    # it when the process that logged media exits, so the first child would take it from the rest.
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
     import hydra  # noqa: F401
     import peft  # noqa: F401
     import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
-    import wandb  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401  (SmolLM2)
     from transformers.models.qwen2 import modeling_qwen2  # noqa: F401  (the tiny model, Qwen)
-    from trl import RewardTrainer, SFTTrainer  # noqa: F401
+
+    assert "wandb" not in sys.modules, "preloading imported wandb (see above)"
 
 
 def _child(request: dict) -> None:
