@@ -19,12 +19,15 @@ child's pid, then its exit code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import runpy
 import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 RUNTIME_ENV = ("WANDB_", "ALIGN_", "POISON", "RANK", "WORLD_SIZE", "LOCAL_RANK", "PYTEST_")
@@ -50,8 +53,12 @@ def _preload() -> None:
 def _child(request: dict) -> None:
     """In the forked child: become `python -m align ARGS`. Never returns into the server loop."""
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
-    os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    if "output" in request:  # stdout and stderr appended to one file
+        os.dup2(os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND), 1)
+        os.dup2(1, 2)
+    else:
+        os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
+        os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
@@ -79,53 +86,99 @@ def serve() -> None:
 
 
 class PreloadedPython:
-    """A server started with `env` from `cwd`; `run` is subprocess.run([python, -m, align, *args])."""
+    """A server started with `env` from `cwd`. `run` stands for subprocess.run([python, -m, align,
+    *args]) and `start` for subprocess.Popen of it; one run at a time."""
 
     def __init__(self, env: dict[str, str], cwd: Path, logs: Path) -> None:
         self.env, self.cwd, self.logs, self.runs = env, cwd, logs, 0
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "tests.preloaded"],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+            [sys.executable, "-m", "tests.preloaded"], cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
+        self._pending = b""
 
     def forkable(self, env: dict[str, str]) -> bool:
+        if os.environ.get("ALIGN_TESTS_REAL_PROCESSES"):
+            return False
         changed = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
         return all(k.startswith(RUNTIME_ENV) for k in changed)
 
-    def _answer(self, timeout: float | None) -> dict:
-        ready, _, _ = select.select([self.server.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError
-        line = self.server.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the preloaded Python exited ({self.server.poll()})")
+    def answer(self, timeout: float | None) -> dict:
+        """The server's next answer line; TimeoutError if none is whole within `timeout` seconds.
+        Read a byte at a time from the pipe, so that select() never waits on a line already buffered."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self.server.stdout.fileno()
+        while not self._pending.endswith(b"\n"):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+            byte = os.read(fd, 1)
+            if not byte:
+                raise RuntimeError(f"the preloaded Python exited ({self.server.poll()})")
+            self._pending += byte
+        line, self._pending = self._pending, b""
         return json.loads(line)
+
+    def _fork(self, args: list[str], env: dict[str, str], **output: str) -> int:
+        request = {"args": args, "env": env, "cwd": str(self.cwd), **output}
+        self.server.stdin.write((json.dumps(request) + "\n").encode())
+        self.server.stdin.flush()
+        return self.answer(30)["pid"]
 
     def run(self, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "align", *args]
-        if not self.forkable(env) or os.environ.get("ALIGN_TESTS_REAL_PROCESSES"):
+        if not self.forkable(env):
             return subprocess.run(command, cwd=self.cwd, env=env, capture_output=True, text=True, timeout=timeout)
         self.runs += 1
         out, err = self.logs / f"{self.runs}.stdout", self.logs / f"{self.runs}.stderr"
-        request = {"args": args, "env": env, "cwd": str(self.cwd), "stdout": str(out), "stderr": str(err)}
-        self.server.stdin.write(json.dumps(request) + "\n")
-        self.server.stdin.flush()
-        pid = self._answer(30)["pid"]
+        child = ForkedRun(self, self._fork(args, env, stdout=str(out), stderr=str(err)))
         try:
-            code = self._answer(timeout)["returncode"]
-        except TimeoutError:
-            os.kill(pid, 9)
-            self._answer(30)
+            code = child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(30)
             raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text()) from None
         return subprocess.CompletedProcess(command, code, out.read_text(), err.read_text())
+
+    def start(self, args: list[str], env: dict[str, str], output: Path) -> ForkedRun | subprocess.Popen:
+        """The run started, its stdout and stderr appended to `output`; wait for it before the next."""
+        if not self.forkable(env):
+            with output.open("a") as file:
+                command = [sys.executable, "-m", "align", *args]
+                return subprocess.Popen(command, cwd=self.cwd, env=env, stdout=file, stderr=subprocess.STDOUT)
+        return ForkedRun(self, self._fork(args, env, output=str(output)))
 
     def close(self) -> None:
         self.server.stdin.close()
         self.server.wait(timeout=30)
+
+
+class ForkedRun:
+    """What tests use of subprocess.Popen, for a child of the preloaded Python (not this process's
+    child: the server reaps it and reports its exit code)."""
+
+    def __init__(self, server: PreloadedPython, pid: int) -> None:
+        self.server, self.pid, self.returncode = server, pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                self.returncode = self.server.answer(0)["returncode"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            try:
+                self.returncode = self.server.answer(timeout)["returncode"]
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(f"python -m align (pid {self.pid})", timeout) from None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 if __name__ == "__main__":

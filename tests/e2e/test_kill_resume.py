@@ -20,7 +20,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,7 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from align.rundir import complete_checkpoints
-from tests.conftest import REPO, align_env
+from tests.conftest import align_env, preloaded_python
+from tests.preloaded import ForkedRun
 
 STEPS = 9  # checkpoints 2, 4, 6 and 8 (none after the last step): two chances to catch a write after 4
 COMMON = ["model=tiny", f"train.max_steps={STEPS}", "train.save_steps=2", "train.logging_steps=1"]
@@ -56,14 +56,10 @@ _TIMINGS = ("runtime", "per_second")  # the Trainer's eval/runtime, eval/samples
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 
 
-def _start(overrides: list[str], out: Path, data_cache: Path) -> subprocess.Popen:
-    output = (out.parent / f"{out.name}.output").open("a")
-    return subprocess.Popen(
-        [sys.executable, "-m", "align", *overrides, f"output_dir={out}"],
-        cwd=REPO,
-        env=align_env(data_cache, OMP_NUM_THREADS="1"),
-        stdout=output,
-        stderr=subprocess.STDOUT,
+def _start(overrides: list[str], out: Path, data_cache: Path) -> ForkedRun | subprocess.Popen:
+    """`python -m align` started (forked from the preloaded Python), its output appended to a file."""
+    return preloaded_python(data_cache).start(
+        [*overrides, f"output_dir={out}"], align_env(data_cache, OMP_NUM_THREADS="1"), out.parent / f"{out.name}.output"
     )
 
 
