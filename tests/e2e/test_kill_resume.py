@@ -34,7 +34,9 @@ from tests.preloaded import ForkedRun
 STEPS = 9  # checkpoints 2, 4, 6 and 8 (none after the last step): two chances to catch a write after 4
 COMMON = ["model=tiny", f"train.max_steps={STEPS}", "train.save_steps=2", "train.logging_steps=1"]
 STAGES = {
-    "sft": ["stage=sft", "train.eval_steps=0"],
+    # SFT in bf16 (autocast over fp32 weights; emulated where the CPU has no bf16): resume is exact in
+    # mixed precision too. RM and PPO in the machine's own precision (fp32 on a CPU without bf16).
+    "sft": ["stage=sft", "train.eval_steps=0", "train.precision=bf16"],
     "rm": ["stage=rm", "train.eval_steps=0"],
     "ppo": [
         "stage=ppo",
