@@ -48,10 +48,13 @@ def _assert_stopped(proc, out, message: str, kept: list[str]) -> None:
     assert not (out / "final").exists()
 
 
-@pytest.mark.parametrize(("stage", "mode", "what"), [("sft", "loss", "train/loss"), ("rm", "grad", "gradient")])
-def test_stops_at_the_first_non_finite_step(stage, mode, what, tmp_path, data_cache):
+# The SFT case in bf16 (autocast; emulated on a CPU without bf16): the guard holds in mixed precision.
+@pytest.mark.parametrize(
+    ("stage", "mode", "what", "precision"), [("sft", "loss", "train/loss", "bf16"), ("rm", "grad", "gradient", "auto")]
+)
+def test_stops_at_the_first_non_finite_step(stage, mode, what, precision, tmp_path, data_cache):
     out = tmp_path / "run"
-    proc = _poisoned(out, data_cache, mode, "5", f"stage={stage}", "train.max_steps=8")
+    proc = _poisoned(out, data_cache, mode, "5", f"stage={stage}", "train.max_steps=8", f"train.precision={precision}")
     _assert_stopped(proc, out, f"non-finite {what} at step 5; {KEPT}", ["checkpoint-2", "checkpoint-4"])
 
 
