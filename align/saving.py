@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from align.config import AlignConfig
@@ -49,11 +50,61 @@ def save_random_base(model: PreTrainedModel, out: Path, *, is_main: bool | None 
     return base
 
 
+def master_weights(model: nn.Module, *, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The fp32 weights of a model that DeepSpeed runs in bf16/fp16, for saving; None when the
+    model's own weights are fp32 already.
+
+    DeepSpeed's bf16 casts the module to 16 bits and keeps the fp32 masters in its optimizer, so the
+    module's state dict would hand users back every weight rounded to 8 bits of mantissa (a non-
+    DeepSpeed run saves fp32). Trained weights come from the optimizer's masters, frozen ones (a
+    LoRA base) from the module. Every rank calls: the pieces are gathered across ranks. Only the
+    main process gets the dict (on CPU); the others get an empty one.
+    """
+    if all(p.dtype == torch.float32 for p in model.parameters()):
+        return None
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights: dict[str, torch.Tensor] = {}
+    by_param: dict[int, torch.Tensor] = {}  # tied weights stay one tensor, which save_pretrained dedups
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in by_param:
+            master = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if master is None:
+                partitioned = [param] if hasattr(param, "ds_tensor") else []
+                with deepspeed.zero.GatheredParameters(partitioned):
+                    master = param.detach().float()
+            by_param[id(param)] = master.cpu().clone() if is_main else master.new_empty(0)
+        if is_main:
+            weights[name] = by_param[id(param)]
+    if is_main:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        weights |= {k: v.cpu() for k, v in model.state_dict().items() if k not in params}  # buffers
+    return weights
+
+
+def save_pretrained_fp32(model: PreTrainedModel, folder: Path, *, is_main: bool) -> bool:
+    """`save_pretrained` with fp32 masters when DeepSpeed holds the module in 16 bits; False (nothing
+    written) when the module is fp32 and an ordinary save will do. Every rank calls."""
+    weights = master_weights(model, is_main=is_main)
+    if weights is None:
+        return False
+    if is_main:
+        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        config = folder / "config.json"  # none for a LoRA adapter
+        if config.is_file():  # save_pretrained wrote the module's dtype; say what the files hold
+            config.write_text(json.dumps(json.loads(config.read_text()) | {"dtype": "float32"}, indent=2) + "\n")
+    return True
+
+
 def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, config: AlignConfig, out: Path) -> Path:
     final = out / "final"
-    # save_model gathers ZeRO-3 shards to rank 0 and writes only there.
-    trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
+    is_main = trainer.is_world_process_zero()
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    # save_model gathers ZeRO-3 shards to rank 0 and writes only there, in the module's dtype.
+    if not (trainer.is_deepspeed_enabled and save_pretrained_fp32(unwrapped, final, is_main=is_main)):
+        trainer.save_model(str(final))
+    if is_main:
         tokenizer.save_pretrained(final)
         if config.peft.enabled:
             _point_adapter_at_base(final, out)

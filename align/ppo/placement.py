@@ -30,6 +30,7 @@ from align.distributed import any_rank
 from align.errors import CheckpointError
 from align.models import autocast, is_adapter_dir
 from align.ppo.forward import ValueModel
+from align.saving import save_pretrained_fp32
 
 OPTIMIZER_FILE = "optimizer.pt"
 DEEPSPEED_TAG = "deepspeed"
@@ -182,8 +183,12 @@ class TrainedModel:
     def save_pretrained(self, folder: Path, *, is_main: bool, merged: Path | None = None) -> None:
         """Final weights in Hugging Face format, whole (ZeRO-3 shards gathered); every rank calls.
 
-        `merged` also writes the LoRA adapter folded into its base there.
+        `merged` also writes the LoRA adapter folded into its base there. Under DeepSpeed bf16 the
+        saved weights are the optimizer's fp32 masters, as without DeepSpeed.
         """
+        hf_model = self.module.model if isinstance(self.module, ValueModel) else self.module
+        if self.engine is not None and merged is None and save_pretrained_fp32(hf_model, folder, is_main=is_main):
+            return
         with self._gathered():
             if is_main:
                 self.module.save_pretrained(folder, safe_serialization=True)

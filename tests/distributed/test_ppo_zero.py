@@ -24,7 +24,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from tests.conftest import read_log
-from tests.distributed.test_stages_zero import ACCELERATE, N_RANKS, REPO, launch, ranks_env, torchrun_command
+from tests.distributed.test_stages_zero import (
+    ACCELERATE,
+    N_RANKS,
+    REPO,
+    check_fp32_masters_saved,
+    launch,
+    ranks_env,
+    torchrun_command,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -67,23 +75,25 @@ def check_steps(out: Path) -> dict[int, dict]:
     return rows
 
 
-def test_ppo_zero2_two_ranks(tmp_path, data_cache) -> None:
+def test_ppo_zero2_two_ranks_in_bf16(tmp_path, data_cache) -> None:
     # Started with `accelerate launch`, the other launcher users have (the rest use torchrun).
-    run = launch(
-        tmp_path / "zero2", data_cache, *TINY_PPO, *ONE_MICRO_BATCH, "deepspeed=zero2", probe=None, launcher=ACCELERATE
-    )
+    args = (*TINY_PPO, *ONE_MICRO_BATCH, "deepspeed=zero2", "train.precision=bf16")
+    run = launch(tmp_path / "zero2", data_cache, *args, probe=None, launcher=ACCELERATE)
     assert {p.name for p in (run.out / "checkpoints" / "checkpoint-2").glob("rng_rank*.pt")} == {
         f"rng_rank{r}.pt" for r in range(N_RANKS)
     }
     rows = check_steps(run.out)
-    # One micro-batch, one epoch: the update reuses the scoring forward, so the ratio is exactly 1.
+    # One micro-batch, one epoch: the update reuses the scoring forward, so the ratio is exactly 1,
+    # in bf16 as in fp32.
     assert all(rows[s]["ppo/ratio"] == 1.0 for s in range(2, STEPS + 1))
     shards = run.out / "checkpoints" / "checkpoint-2" / "policy" / "deepspeed"
     assert {p.name for p in shards.iterdir()} == {
         "mp_rank_00_model_states.pt",  # ZeRO-2: weights whole, optimizer state sharded
-        *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(N_RANKS)),
+        *(f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(N_RANKS)),  # the fp32 masters
     }
     check_final(run.out)
+    for folder in (run.out / "final", run.out / "final" / "value"):
+        check_fp32_masters_saved(folder)
 
 
 def test_ppo_zero3_two_ranks_resumes_from_sharded_checkpoint(tmp_path, data_cache) -> None:

@@ -188,14 +188,14 @@ def check_trained_final(run: Run, model_class: type, max_change: float = 20 * ST
     return weights
 
 
-def check_sharded_checkpoints(run: Run, steps: list[int], zero: int = 3) -> None:
+def check_sharded_checkpoints(run: Run, steps: list[int], zero: int = 3, optimizer_prefix: str = "") -> None:
     """DeepSpeed's checkpoints: one optimizer shard per rank; ZeRO-3 shards the weights too (ZeRO-2
-    keeps them whole, in one file)."""
+    keeps them whole, in one file). DeepSpeed's bf16 optimizer names its shards with `bf16_`."""
     found = sorted(int(p.name.split("-")[1]) for p in (run.out / "checkpoints").glob("checkpoint-*"))
     assert found == steps
     for step in steps:
         shards = run.out / "checkpoints" / f"checkpoint-{step}" / f"global_step{step}"
-        expected = {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(N_RANKS)}
+        expected = {f"{optimizer_prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(N_RANKS)}
         if zero == 3:
             expected |= {f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" for rank in range(N_RANKS)}
         else:
@@ -235,17 +235,31 @@ def test_sft_two_ranks_saves_a_reloadable_final(request, zero: int) -> None:
     check_trained_final(run, AutoModelForCausalLM)
 
 
+def check_fp32_masters_saved(folder: Path) -> None:
+    """Under DeepSpeed bf16 the module holds 16-bit weights: final/ must hold the fp32 masters, not
+    those weights widened (every value would then sit on the bf16 grid)."""
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    weights = {}
+    for file in folder.glob("*.safetensors"):
+        weights |= load_file(file)
+    assert weights and all(t.dtype == torch.float32 for t in weights.values()), {t.dtype for t in weights.values()}
+    off_grid = sum(int((t != t.bfloat16().float()).sum()) for t in weights.values())
+    assert off_grid > 0.9 * sum(t.numel() for t in weights.values()), off_grid
+
+
 @pytest.mark.parametrize("zero", [2, 3])
-def test_rm_two_ranks_saves_a_reloadable_final(tmp_path, data_cache, zero: int) -> None:
-    run = launch(tmp_path / "rm", data_cache, "stage=rm", f"deepspeed=zero{zero}", *TINY)
+def test_rm_two_ranks_in_bf16_saves_a_reloadable_fp32_final(tmp_path, data_cache, zero: int) -> None:
+    run = launch(tmp_path / "rm", data_cache, "stage=rm", f"deepspeed=zero{zero}", *TINY, "train.precision=bf16")
     rows = run.step_rows()
     assert sorted(rows) == list(range(1, STEPS + 1))
     assert all(math.isfinite(row["train/loss"]) for row in rows.values())
     metrics = json.loads((run.out / "metrics.json").read_text())
     assert 0 <= metrics["eval/accuracy"] <= 1 and math.isfinite(metrics["eval/loss"]), metrics
-    check_sharded_checkpoints(run, [2], zero)  # none after the last step: final/ follows
+    # None after the last step: final/ follows.
+    check_sharded_checkpoints(run, [2], zero, optimizer_prefix="bf16_")
     weights = check_trained_final(run, AutoModelForSequenceClassification)
     assert weights["score.weight"].shape[0] == 1  # the scalar head was gathered and saved too
+    check_fp32_masters_saved(run.out / "final")
 
 
 # --- ZeRO-3 on 2 ranks is the same training as 1 process -------------------------------------------
