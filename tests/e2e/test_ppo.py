@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from align import models
 from align.config import ModelConfig
 from align.reward_model import load_reward_model, text_rewards
-from tests.conftest import REPO, align_env, read_log, read_metrics
+from tests.conftest import REPO, align_env, align_runner, read_log, read_metrics
 from tests.e2e.test_errors import assert_one_line_error
 from tests.unit.test_reward_tokenizer import reward_model_of_another_tokenizer
 
@@ -27,18 +27,46 @@ def _mean(rows, key):
     return sum(r[key] for r in rows) / len(rows)
 
 
-def test_ppo_raises_the_reward_and_logs_everything(run_align, tmp_path):
+@pytest.fixture(scope="module")
+def brevity_runs(tmp_path_factory, data_cache):
+    """20 PPO steps on the brevity reward from the random tiny model, by precision, run once each."""
+    runs: dict[str, Path] = {}
+
+    def run(precision: str) -> Path:
+        if precision not in runs:
+            out = tmp_path_factory.mktemp(f"ppo-{precision}")
+            align_runner(data_cache)(
+                "stage=ppo",
+                BREVITY,
+                "ppo.monitor_fn=align.tasks.sorting:gold_reward",
+                "train.max_steps=20",
+                "ppo.kl_coef=0.01",
+                "ppo.sample_every=5",
+                f"train.precision={precision}",
+                f"output_dir={out}",
+            )
+            runs[precision] = out
+        return runs[precision]
+
+    return run
+
+
+def test_ppo_in_bf16_learns_as_fp32_does_from_the_same_seed(brevity_runs):
+    """Measured: mean reward of the first 5 steps 0.046 in both, of the last 5 0.666 (fp32) and 0.674
+    (bf16); per step the two agree to 0.04, the same responses sampled until the policy has moved."""
+    fp32, bf16 = (read_log(brevity_runs(p)) for p in ("fp32", "bf16"))
+    rewards = {name: [r["ppo/reward_raw"] for r in log] for name, log in (("fp32", fp32), ("bf16", bf16))}
+    print(rewards)
+    assert len(rewards["bf16"]) == 20
+    assert rewards["bf16"][0] == rewards["fp32"][0]  # step 1 samples from the same fp32 weights
+    assert sum(rewards["bf16"][-5:]) / 5 > sum(rewards["bf16"][:5]) / 5 + 0.25
+    assert all(abs(a - b) < 0.15 for a, b in zip(rewards["bf16"], rewards["fp32"], strict=True))
+    assert [r["ppo/value_loss"] for r in bf16] != [r["ppo/value_loss"] for r in fp32]  # bf16 really ran
+
+
+def test_ppo_raises_the_reward_and_logs_everything(brevity_runs):
     # From the random tiny model: the brevity reward is learnable without SFT (0.05 -> 0.6 measured).
-    out = tmp_path / "ppo"
-    run_align(
-        "stage=ppo",
-        BREVITY,
-        "ppo.monitor_fn=align.tasks.sorting:gold_reward",
-        "train.max_steps=20",
-        "ppo.kl_coef=0.01",
-        "ppo.sample_every=5",
-        f"output_dir={out}",
-    )
+    out = brevity_runs("fp32")
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 21))
     start, end = _mean(log[:5], "ppo/reward_raw"), _mean(log[-5:], "ppo/reward_raw")
