@@ -172,13 +172,13 @@ def check_library_names(config: AlignConfig) -> None:
 
 
 def run_stage(config: AlignConfig) -> dict[str, float]:
-    from align.distributed import init_distributed
-    from align.models import resolve_precision
+    from align.modeling.models import resolve_precision
+    from align.run.distributed import init_distributed
 
     check_library_names(config)
     resolve_precision(config.train.precision)  # a precision the hardware lacks fails before any work
     if config.dry_run:
-        from align.dry_run import report
+        from align.run.dry_run import report
 
         print(report(config))
         return {}
@@ -192,7 +192,7 @@ def run_stage(config: AlignConfig) -> dict[str, float]:
 def _hydra_entry(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from align.tracking import redact_files
+    from align.run.tracking import redact_files
 
     hydra_dir = HydraConfig.get().output_subdir
     if hydra_dir is not None:

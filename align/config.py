@@ -165,7 +165,7 @@ class PPOConfig:
     """Nucleus sampling (Qwen: 0.9)."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of each response cut off at max_new_tokens before its end of turn,
-    after reward_norm and before reward_clip (align.ppo.rewards.shaped_scores); null: none. The reward
+    after reward_norm and before reward_clip (align.rl.rewards.shaped_scores); null: none. The reward
     model learned to read a reward at the end of a turn, so its reading of a cut-off response is
     outside its training, and without a penalty running to the length limit can pay. 1.0 as TRL's
     PPO examples pass (`--missing_eos_penalty 1.0`, subtracted from the score) and as the N+ details

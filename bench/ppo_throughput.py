@@ -115,9 +115,9 @@ def build_models(work: Path, sizes: list[str]) -> dict[str, dict[str, Path]]:
 
 def write_prompts(work: Path, policy_dir: Path) -> Path:
     """The demo prompts, chat-rendered and tokenised by align, for TRL to read as they are."""
-    from align import models
     from align.config import ModelConfig
     from align.data import load_recipe_data
+    from align.modeling import models
 
     tokenizer = models.load_tokenizer(ModelConfig(name_or_path=str(policy_dir), init="pretrained"))
     rows = load_recipe_data("demo_prompts", "prompt", tokenizer, seed=42).train

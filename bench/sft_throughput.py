@@ -34,11 +34,11 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from align import models
 from align.cli import check_overrides
 from align.config import REPO_ROOT
-from align.distributed import init_distributed
-from align.sft_trainer import AlignSFTTrainer
+from align.hf.sft_trainer import AlignSFTTrainer
+from align.modeling import models
+from align.run.distributed import init_distributed
 from align.stages.sft import sft_args
 
 TINY = REPO_ROOT / "align" / "assets" / "tiny"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from align.chat import CHATML_TEMPLATE
+from align.modeling.chat import CHATML_TEMPLATE
 
 TINY_DIR = Path(__file__).parent / "tiny"
 VOCAB_SIZE = 2048

@@ -12,10 +12,10 @@ import logging
 import sys
 from typing import Any
 
-from align.chat import ensure_chat_template
 from align.data.load import load_recipe_data
 from align.data.recipe import REPO_ROOT, load_recipe
 from align.errors import AlignError
+from align.modeling.chat import ensure_chat_template
 
 TINY_TOKENIZER = REPO_ROOT / "align" / "assets" / "tiny"
 USAGE = __doc__.strip().splitlines()[0].strip("`")

@@ -15,7 +15,6 @@ from typing import Any
 
 import datasets
 
-from align.chat import encode, render, tokenize_conversation
 from align.data.cache import cache_key, default_cache_dir, load_or_prepare, tokenizer_fingerprint
 from align.data.formats import FORMATS, RowError, conversational_prompt, other_columns, to_kind
 from align.data.mix import mixture_counts, rng_for, split_eval, take
@@ -23,6 +22,7 @@ from align.data.readers import read_rows, source_stamp
 from align.data.recipe import ON_ERROR, Recipe, SourceSpec, display_path, load_recipe
 from align.data.report import FILTER_REASONS, RecipeData, SourceReport
 from align.errors import DataError
+from align.modeling.chat import encode, render, tokenize_conversation
 
 log = logging.getLogger("align.data")
 Row = dict[str, Any]

@@ -20,14 +20,14 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from align import rundir
 from align.cli import check_library_names, normalize_overrides, validate
 from align.config import AlignConfig
 from align.errors import ConfigError
-from align.lineage import is_complete
-from align.plugins import import_reward_fn
-from align.summary import write_summary
-from align.tracking import Tracker, stable_run_id
+from align.rl.reward_fns import import_reward_fn
+from align.run import rundir
+from align.run.lineage import is_complete
+from align.run.summary import write_summary
+from align.run.tracking import Tracker, stable_run_id
 
 log = logging.getLogger("align.pipeline")
 KNOWN = ("sft", "rm", "ppo")

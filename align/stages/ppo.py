@@ -1,14 +1,14 @@
 """PPO RLHF (Qwen report, section 3.2.2), our own loop on accelerate and DeepSpeed.
 
 The recipe: load the four roles (policy, reference, reward, value; placed on one process, data
-parallel or DeepSpeed ZeRO-2/3 by align/ppo/placement.py), then each step
+parallel or DeepSpeed ZeRO-2/3 by align/rl/placement.py), then each step
   1. sample `responses_per_prompt` responses to a batch of prompts (top-p, stop at EOS);
   2. score them (reward model at the last real token and/or a reward function), normalise;
   3. per-token KL penalty against the reference, GAE advantages, whitened;
   4. `ppo.epochs` passes of clipped policy and value losses over mini-batches (only the value
      model learns during the first `value_warmup_steps`), plus the optional PTX loss;
   5. log, and checkpoint everything a resumed run needs.
-The maths lives in align/ppo/ as pure functions with unit tests.
+The maths lives in align/rl/ as pure functions with unit tests.
 """
 
 from __future__ import annotations
@@ -28,32 +28,33 @@ from accelerate.utils import DeepSpeedPlugin, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, get_scheduler
 
-from align import models, plan, rundir
-from align.chat import stop_token_ids
 from align.config import AlignConfig
 from align.data import load_recipe_data
 from align.data.formats import other_column_names
-from align.distributed import build_deepspeed_config, world_info
 from align.errors import CheckpointError, ConfigError, Preempted, TrainingError
-from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
-from align.nonfinite import KEPT, NonFiniteBudget
-from align.plugins import Episodes, import_reward_fn
-from align.ppo import checkpoint
-from align.ppo.advantages import gae, whiten_advantages
-from align.ppo.forward import ValueModel, disable_dropout, response_logprobs
-from align.ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty, mean_kl_over_ranks
-from align.ppo.losses import explained_variance, policy_loss, value_loss
-from align.ppo.masked import masked_mean
-from align.ppo.normalize import RunningMoments
-from align.ppo.placement import Placement, TrainedModel
-from align.ppo.rewards import per_token_rewards, shaped_scores
-from align.ppo.rollout import Rollout, rollout_episodes, sample
-from align.preemption import Preemption
-from align.reward_model import episode_rewards, own_tokenizer
-from align.rows import Rows, can_pack, enable_packing, make_rows
-from align.tracking import Tracker
+from align.modeling import models
+from align.modeling.chat import stop_token_ids
+from align.modeling.reward_model import episode_rewards, own_tokenizer
+from align.modeling.rows import Rows, can_pack, enable_packing, make_rows
+from align.rl import checkpoint
+from align.rl.advantages import gae, whiten_advantages
+from align.rl.forward import ValueModel, disable_dropout, response_logprobs
+from align.rl.kl import AdaptiveKLController, FixedKLController, kl_penalty, mean_kl_over_ranks
+from align.rl.losses import explained_variance, policy_loss, value_loss
+from align.rl.masked import masked_mean
+from align.rl.normalize import RunningMoments
+from align.rl.placement import Placement, TrainedModel
+from align.rl.reward_fns import Episodes, import_reward_fn
+from align.rl.rewards import per_token_rewards, shaped_scores
+from align.rl.rollout import Rollout, rollout_episodes, sample
+from align.run import plan, rundir
+from align.run.distributed import build_deepspeed_config, world_info
+from align.run.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
+from align.run.nonfinite import KEPT, NonFiniteBudget
+from align.run.preemption import Preemption
+from align.run.tracking import Tracker
 
-log = logging.getLogger("align.ppo")
+log = logging.getLogger("align.rl")
 
 
 def run(config: AlignConfig) -> dict[str, float]:
@@ -67,7 +68,7 @@ def run(config: AlignConfig) -> dict[str, float]:
 
     ds_config = deepspeed_config(config)
     # Accelerate holds the DeepSpeed config (precision, the process state), but PPO trains two
-    # models, so align.ppo.placement builds their engines itself.
+    # models, so align.rl.placement builds their engines itself.
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config) if ds_config else None)
     set_seed(config.seed, device_specific=True)
     out = rundir.prepare(config, is_main=accelerator.is_main_process)
@@ -353,7 +354,7 @@ def deepspeed_config(config: AlignConfig) -> dict[str, Any] | None:
 
 
 def load_frozen_reward_model(path: str, config: AlignConfig) -> torch.nn.Module:
-    from align.reward_model import load_reward_model
+    from align.modeling.reward_model import load_reward_model
 
     return load_reward_model(path, precision=config.train.precision).requires_grad_(False).eval()
 
@@ -408,7 +409,7 @@ class Forward:
 
 
 def use_packed_rows(wanted: bool, roles: list[torch.nn.Module | None]) -> bool:
-    """Packed rows (align/rows.py) for every forward after sampling, when asked and every role's
+    """Packed rows (align/modeling/rows.py) for every forward after sampling, when asked and every role's
     attention can run them; the attention of each is switched here, before any wrapper."""
     if not wanted:
         return False

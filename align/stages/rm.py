@@ -10,7 +10,7 @@ one on high-quality preferences with `rm.init_from=<first run>/final` (see conf/
 What we replace in TRL: its loss reads `model(...).logits`, which transformers pools at the last
 token that is not `pad_token_id`; with pad == EOS that is the token before the EOS. Our loss and
 evaluation read the reward at the last real token from the attention mask
-(`align.reward_model.rewards_at_last_token`), the same function PPO and `rm_eval` use.
+(`align.modeling.reward_model.rewards_at_last_token`), the same function PPO and `rm_eval` use.
 """
 
 from __future__ import annotations
@@ -22,19 +22,20 @@ from peft import PeftModel
 from transformers import Trainer
 from trl import RewardConfig, RewardTrainer
 
-from align import models, plan, rundir
-from align import reward_model as rm
-from align.chat import end_of_turn_id
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.errors import DataError, Preempted
-from align.hf_callbacks import NoCheckpointAtTheEnd, TrackerCallback
-from align.hf_trainer import AlignTrainerMixin
-from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
-from align.preemption import Preemption, PreemptionCallback
-from align.saving import save_final, save_random_base
-from align.tracking import Tracker
-from align.training_args import hf_training_kwargs
+from align.hf.callbacks import NoCheckpointAtTheEnd, TrackerCallback
+from align.hf.trainer import AlignTrainerMixin
+from align.hf.training_args import hf_training_kwargs
+from align.modeling import models
+from align.modeling import reward_model as rm
+from align.modeling.chat import end_of_turn_id
+from align.run import plan, rundir
+from align.run.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
+from align.run.preemption import Preemption, PreemptionCallback
+from align.run.saving import save_final, save_random_base
+from align.run.tracking import Tracker
 
 log = logging.getLogger("align.rm")
 

@@ -1,7 +1,7 @@
 """Score a preference set with a trained reward model: `stage=rm_eval rm.path=<dir> data=<recipe>`.
 
 Every pair of the recipe (train and eval rows) is scored with the same code as the RM stage's
-held-out evaluation (`align.reward_model.score_pairs`), so the numbers are comparable: on the same
+held-out evaluation (`align.modeling.reward_model.score_pairs`), so the numbers are comparable: on the same
 pairs they are the same. Writes eval/accuracy, eval/margin, eval/reward_mean, eval/reward_std and
 eval/loss to output_dir/metrics.json, a table of examples, and a manifest.json naming the reward
 model and the data.
@@ -15,14 +15,15 @@ from pathlib import Path
 import datasets
 import torch
 
-from align import models, plan, rundir
-from align import reward_model as rm
-from align.chat import end_of_turn_id
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.errors import ConfigError, ModelError
-from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
-from align.tracking import Tracker
+from align.modeling import models
+from align.modeling import reward_model as rm
+from align.modeling.chat import end_of_turn_id
+from align.run import plan, rundir
+from align.run.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
+from align.run.tracking import Tracker
 
 log = logging.getLogger("align.rm_eval")
 

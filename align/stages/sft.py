@@ -10,17 +10,18 @@ import logging
 
 from trl import SFTConfig
 
-from align import models, plan, rundir
 from align.config import AlignConfig
 from align.data import load_recipe_data
 from align.errors import Preempted
-from align.hf_callbacks import NoCheckpointAtTheEnd, TrackerCallback
-from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
-from align.preemption import Preemption, PreemptionCallback
-from align.saving import save_final, save_random_base
-from align.sft_trainer import AlignSFTTrainer
-from align.tracking import Tracker
-from align.training_args import hf_training_kwargs
+from align.hf.callbacks import NoCheckpointAtTheEnd, TrackerCallback
+from align.hf.sft_trainer import AlignSFTTrainer
+from align.hf.training_args import hf_training_kwargs
+from align.modeling import models
+from align.run import plan, rundir
+from align.run.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
+from align.run.preemption import Preemption, PreemptionCallback
+from align.run.saving import save_final, save_random_base
+from align.run.tracking import Tracker
 
 log = logging.getLogger("align.sft")
 

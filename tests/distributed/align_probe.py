@@ -22,7 +22,7 @@ adaptive KL controller's `update` as this rank made it (the KL and episode count
 coefficient after).
 
 ALIGN_PROBE_PREEMPT_AT=N sends this process SIGUSR1 as step N begins, so align's own preemption
-handler (align/preemption.py, what SLURM triggers) checkpoints at the end of step N and the run
+handler (align/run/preemption.py, what SLURM triggers) checkpoints at the end of step N and the run
 exits with REQUEUE_EXIT_CODE: a real mid-run stop, for the resume test.
 """
 
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from align.ppo.kl import AdaptiveKLController
+from align.rl.kl import AdaptiveKLController
 
 PROBE_DIR = os.environ.get("ALIGN_PROBE_DIR")
 PREEMPT_AT = int(os.environ.get("ALIGN_PROBE_PREEMPT_AT", "0"))

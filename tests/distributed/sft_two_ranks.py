@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from align.distributed import (
+from align.run.distributed import (
     REUSE_DISTRIBUTED_STATE,
     build_deepspeed_config,
     check_world,

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from align import distributed
-from align.distributed import build_deepspeed_config, world_info
 from align.errors import ConfigError
+from align.run import distributed
+from align.run.distributed import build_deepspeed_config, world_info
 
 pytestmark = pytest.mark.distributed
 

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from align.cli import check_overrides
 from align.config import REPO_ROOT, ModelConfig
-from align.dry_run import HUB_CONFIGS, architecture, parameter_counts, report, shipped_config
+from align.run.dry_run import HUB_CONFIGS, architecture, parameter_counts, report, shipped_config
 
 QWEN25_7B_CONFIG = HUB_CONFIGS / "Qwen--Qwen2.5-7B.json"
 QWEN25_7B_TOTAL, QWEN25_7B_LARGEST = 7615616512, 544997376

@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.rundir import complete_checkpoints
+from align.run.rundir import complete_checkpoints
 from tests.conftest import align_env, preloaded_python
 from tests.preloaded import ForkedRun
 

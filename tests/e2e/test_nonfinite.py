@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from align.errors import TrainingError
-from align.rundir import complete_checkpoints
+from align.run.rundir import complete_checkpoints
 from tests.conftest import REPO, align_env, read_log
 
 RUN = ["model=tiny", "train.save_steps=2", "train.logging_steps=1", "train.eval_steps=0"]

@@ -4,7 +4,7 @@ import json
 import math
 import shutil
 
-from align.reward_model import EXAMPLE_COLUMNS
+from align.modeling.reward_model import EXAMPLE_COLUMNS
 from tests.conftest import REPO, read_log, read_metrics
 from tests.wandb_files import artifacts, offline_run, run_info, summary, table_rows
 

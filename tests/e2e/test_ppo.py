@@ -13,9 +13,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from align import models
 from align.config import ModelConfig
-from align.reward_model import load_reward_model, text_rewards
+from align.modeling import models
+from align.modeling.reward_model import load_reward_model, text_rewards
 from tests.conftest import REPO, align_env, align_runner, read_log, read_metrics
 from tests.e2e.test_errors import assert_one_line_error
 from tests.unit.test_reward_tokenizer import reward_model_of_another_tokenizer
@@ -135,8 +135,8 @@ def test_lora_ppo_trains_an_adapter_against_its_own_base(run_align, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from align import models
     from align.config import REPO_ROOT, ModelConfig
+    from align.modeling import models
 
     out = tmp_path / "lora"
     steps = ("train.max_steps=4", "ppo.value_warmup_steps=2", "train.lr=1e-3", "ppo.max_new_tokens=16")

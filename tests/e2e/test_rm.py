@@ -16,10 +16,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from align import models
-from align import reward_model as rm
-from align.chat import encode, render
 from align.config import ModelConfig
+from align.modeling import models
+from align.modeling import reward_model as rm
+from align.modeling.chat import encode, render
 from align.tasks import sorting
 from tests.conftest import REPO, align_env, read_log, read_metrics
 

@@ -1,8 +1,14 @@
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from align.chat import CHATML_TEMPLATE, end_of_turn_id, ensure_chat_template, stop_token_ids, tokenize_conversation
 from align.config import REPO_ROOT
+from align.modeling.chat import (
+    CHATML_TEMPLATE,
+    end_of_turn_id,
+    ensure_chat_template,
+    stop_token_ids,
+    tokenize_conversation,
+)
 
 TINY = REPO_ROOT / "align" / "assets" / "tiny"
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from align.chat import encode, render
 from align.data import load_recipe_data
 from align.data.formats import RowError, hh_format, parse_hh_transcript, preference_format
+from align.modeling.chat import encode, render
 
 TINY = Path(__file__).resolve().parents[2] / "align" / "assets" / "tiny"
 U, A, S = "user", "assistant", "system"

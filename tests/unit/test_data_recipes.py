@@ -253,7 +253,7 @@ def test_prompt_rows_carry_their_other_columns(tmp_path, tok):
 
 
 def test_prompt_rows_remember_whether_their_source_gave_messages_or_text(tmp_path, tok):
-    """TRL hands reward functions messages or text as the dataset has them; so do we (align.plugins)."""
+    """TRL hands reward functions messages or text as the dataset has them; so do we (align.rl.reward_fns)."""
     user = [{"role": "user", "content": "as messages"}]
     files = {
         "text.jsonl": {"prompt": "as text"},

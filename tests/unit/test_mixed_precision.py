@@ -11,12 +11,12 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from align import models
 from align.cli import check_overrides
 from align.config import AlignConfig, ModelConfig
 from align.errors import ConfigError
-from align.ppo.placement import Placement
-from align.reward_model import load_reward_model
+from align.modeling import models
+from align.modeling.reward_model import load_reward_model
+from align.rl.placement import Placement
 from align.stages.ppo import check_config, make_optimizer
 from tests.conftest import read_log
 from tests.own_models import TINY

@@ -7,7 +7,7 @@ import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from align.errors import TrainingError
-from align.hf_callbacks import NonFiniteGuard
+from align.hf.callbacks import NonFiniteGuard
 
 ARGS = TrainingArguments(output_dir="unused", report_to=[])
 

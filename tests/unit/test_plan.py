@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from align import models, plan
 from align.cli import check_overrides
 from align.config import ModelConfig
 from align.errors import ConfigError
+from align.modeling import models
+from align.run import plan
 from tests.own_models import TINY, pretrained_tiny
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from align.errors import ConfigError, TrainingError
-from align.plugins import Episodes, ScoreFunction, import_reward_fn
+from align.rl.reward_fns import Episodes, ScoreFunction, import_reward_fn
 
 PROMPTS, RESPONSES = ["p0", "p1", "p2"], ["r0", "a long answer " * 20, "r2"]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from align.ppo.advantages import gae, whiten_advantages
+from align.rl.advantages import gae, whiten_advantages
 
 GAMMA, LAM = 0.9, 0.8
 # A length-3 response r1 r2 r3: hand-computed backward recursion (V after r3 is 0).

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from align.config import REPO_ROOT
-from align.ppo.forward import disable_dropout, response_logprobs
-from align.ppo.rollout import left_pad
-from align.rows import PaddedRows, enable_packing, make_rows
+from align.modeling.rows import PaddedRows, enable_packing, make_rows
+from align.rl.forward import disable_dropout, response_logprobs
+from align.rl.rollout import left_pad
 
 TINY = REPO_ROOT / "align" / "assets" / "tiny"
 

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from align.ppo.kl import (
+from align.rl.kl import (
     AdaptiveKLController,
     FixedKLController,
     kl_k1,

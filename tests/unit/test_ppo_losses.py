@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from align.ppo.losses import (
+from align.rl.losses import (
     entropy_from_logits,
     explained_variance,
     logprobs_from_logits,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from align.ppo.masked import masked_mean, masked_var, masked_whiten
+from align.rl.masked import masked_mean, masked_var, masked_whiten
 
 PAD = 100.0  # a value that would visibly shift any statistic it leaked into
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from align.ppo.normalize import RunningMoments, normalize_reward
+from align.rl.normalize import RunningMoments, normalize_reward
 
 
 def _batches() -> list[torch.Tensor]:

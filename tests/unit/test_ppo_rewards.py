@@ -4,8 +4,8 @@ pays the missing-EOS penalty in the units PPO trains on."""
 import pytest
 import torch
 
-from align.ppo.normalize import RunningMoments
-from align.ppo.rewards import (
+from align.rl.normalize import RunningMoments
+from align.rl.rewards import (
     gather_at,
     has_eos,
     last_token_index,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-from align.ppo.rollout import sample_next, top_p_filter
+from align.rl.rollout import sample_next, top_p_filter
 
 
 def _logits() -> torch.Tensor:

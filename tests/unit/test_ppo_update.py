@@ -10,10 +10,10 @@ from accelerate import Accelerator
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from align.config import REPO_ROOT, AlignConfig
-from align.ppo.forward import ValueModel, disable_dropout, response_logprobs
-from align.ppo.placement import Placement
-from align.ppo.rollout import sample
-from align.rows import enable_packing, make_rows
+from align.modeling.rows import enable_packing, make_rows
+from align.rl.forward import ValueModel, disable_dropout, response_logprobs
+from align.rl.placement import Placement
+from align.rl.rollout import sample
 from align.stages.ppo import collate_lm, make_optimizer, score_forward, update
 
 TINY = REPO_ROOT / "align" / "assets" / "tiny"

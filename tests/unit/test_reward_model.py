@@ -1,15 +1,15 @@
-"""align.reward_model: the reward is read at the last real token, whatever the padding."""
+"""align.modeling.reward_model: the reward is read at the last real token, whatever the padding."""
 
 import math
 
 import pytest
 import torch
 
-from align import models
-from align import reward_model as rm
-from align.chat import encode, render
 from align.config import REPO_ROOT, ModelConfig, PeftConfig
 from align.errors import ModelError
+from align.modeling import models
+from align.modeling import reward_model as rm
+from align.modeling.chat import encode, render
 
 TINY = ModelConfig(name_or_path=str(REPO_ROOT / "align" / "assets" / "tiny"), init="random")
 PAD = 0

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from align import models
 from align.config import ModelConfig
 from align.errors import ModelError
-from align.reward_model import (
+from align.modeling import models
+from align.modeling.reward_model import (
     load_reward_model,
     own_tokenizer,
     rewards_at_last_token,
@@ -111,10 +111,10 @@ def test_a_reward_model_without_a_chat_template_is_refused(tmp_path, policy_toke
 def test_the_pipeline_summary_reads_such_a_reward_model_as_ppo_does(tmp_path, policy_tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import align.reward_model
+    import align.modeling.reward_model
     from align.config import AlignConfig, PipelineConfig
     from align.data import load_recipe_data
-    from align.summary import evaluate_policies
+    from align.run.summary import evaluate_policies
 
     outputs = {stage: tmp_path / stage for stage in ("sft", "rm", "ppo")}
     torch.manual_seed(0)
@@ -131,7 +131,7 @@ def test_the_pipeline_summary_reads_such_a_reward_model_as_ppo_does(tmp_path, po
         readings.append(text_rewards(model, tokenizer, prompts, responses, ended, device))
         return readings[-1]
 
-    monkeypatch.setattr(align.reward_model, "text_rewards", spy)
+    monkeypatch.setattr(align.modeling.reward_model, "text_rewards", spy)
     config = AlignConfig(
         stage_name="pipeline", output_dir=str(tmp_path), pipeline=PipelineConfig(eval_max_new_tokens=4)
     )

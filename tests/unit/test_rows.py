@@ -7,10 +7,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from align.config import REPO_ROOT
-from align.ppo.forward import ValueModel, disable_dropout, response_logprobs
-from align.ppo.rollout import left_pad, sample
-from align.reward_model import row_rewards
-from align.rows import PackedRows, PaddedRows, can_pack, enable_packing
+from align.modeling.reward_model import row_rewards
+from align.modeling.rows import PackedRows, PaddedRows, can_pack, enable_packing
+from align.rl.forward import ValueModel, disable_dropout, response_logprobs
+from align.rl.rollout import left_pad, sample
 
 TINY = REPO_ROOT / "align" / "assets" / "tiny"
 PAD, EOS = 0, 2

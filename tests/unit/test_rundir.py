@@ -6,7 +6,7 @@ import logging
 import torch
 from safetensors.torch import save_file
 
-from align.rundir import complete_checkpoints, publish_checkpoint
+from align.run.rundir import complete_checkpoints, publish_checkpoint
 
 
 def _checkpoint(root, step, *, state="{}", weights=True):
@@ -34,7 +34,7 @@ def test_newest_complete_checkpoint_wins_and_broken_ones_are_skipped(tmp_path, c
     _cut(_checkpoint(tmp_path, 50) / "model.safetensors")  # weights cut short
     _cut(_checkpoint(tmp_path, 60) / "optimizer.pt", keep=0.9)  # optimizer state cut short
     (tmp_path / ".tmp-checkpoint-70").mkdir()  # PPO's temporary folder, never renamed
-    (tmp_path / ".staging" / "checkpoint-70").mkdir(parents=True)  # SFT/RM's (align.hf_trainer)
+    (tmp_path / ".staging" / "checkpoint-70").mkdir(parents=True)  # SFT/RM's (align.hf.trainer)
     with caplog.at_level(logging.WARNING, logger="align"):
         found = complete_checkpoints(tmp_path)
     assert found == [older, good]

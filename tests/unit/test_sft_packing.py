@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 from trl import SFTConfig
 
 from align.config import REPO_ROOT
-from align.sft_trainer import AlignSFTTrainer, PackedRowsCollator
+from align.hf.sft_trainer import AlignSFTTrainer, PackedRowsCollator
 
 TINY = REPO_ROOT / "align" / "assets" / "tiny"
 

@@ -11,8 +11,8 @@ import torch
 
 import align
 from align.config import AlignConfig, ModelConfig
-from align.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
-from align.tracking import Tracker, scrub
+from align.run.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
+from align.run.tracking import Tracker, scrub
 from tests.wandb_files import artifacts, config, offline_run, run_info, table_rows
 
 

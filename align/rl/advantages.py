@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from align.ppo.masked import masked_whiten
+from align.rl.masked import masked_whiten
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
-"""PPO maths for RLHF as small pure functions over tensors and masks (no models, no accelerate).
+"""Online RL shared by the stages that sample (PPO today): the maths as small pure functions over
+tensors and masks, and the machinery around it (``rollout``, ``forward``, ``placement``,
+``checkpoint``, ``reward_fns``: users' reward functions).
 
-Layout: ``masked`` (masked statistics), ``rewards`` (reward at the last real token, per-token
+Maths: ``masked`` (masked statistics), ``rewards`` (reward at the last real token, per-token
 KL-penalised rewards), ``kl`` (KL estimators and coefficient controllers), ``normalize`` (running
 reward statistics), ``advantages`` (GAE), ``losses`` (clipped policy/value losses, log-probs,
 entropy). Shape convention: ``[B, T]`` tensors are aligned so that position ``t`` holds the

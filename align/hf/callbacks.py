@@ -8,10 +8,10 @@ import math
 import torch
 from transformers import TrainerCallback
 
-from align.distributed import any_rank
 from align.errors import TrainingError
-from align.nonfinite import KEPT, NonFiniteBudget
-from align.tracking import Tracker
+from align.run.distributed import any_rank
+from align.run.nonfinite import KEPT, NonFiniteBudget
+from align.run.tracking import Tracker
 
 _RENAME = {"learning_rate": "lr"}
 _SKIP = {"epoch", "total_flos"}

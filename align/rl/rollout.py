@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from align.data.formats import read_other_columns
-from align.plugins import Episodes
-from align.ppo.rewards import has_eos, response_mask_after_eos
-from align.rows import position_ids
+from align.modeling.rows import position_ids
+from align.rl.reward_fns import Episodes
+from align.rl.rewards import has_eos, response_mask_after_eos
 
 
 @dataclass
@@ -76,7 +76,7 @@ def sample(
     (logits processors, stopping criteria, cache and mask preparation) costs more than the model
     itself (bench/ppo_throughput.py). The distribution is generate's: temperature, then top-p
     with the same cut, no top-k. Log-probs are not taken from here; the update recomputes them
-    with the train-layout forward (align/ppo/forward.py), so sampling may round differently.
+    with the train-layout forward (align/rl/forward.py), so sampling may round differently.
     """
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
     was_training = model.training

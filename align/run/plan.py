@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from align.chat import CHATML_TEMPLATE, end_of_turn_id
 from align.config import CONF_DIR, AlignConfig, ModelConfig
-from align.distributed import world_info
-from align.models import describe_precision, load_model_config
+from align.modeling.chat import CHATML_TEMPLATE, end_of_turn_id
+from align.modeling.models import describe_precision, load_model_config
+from align.run.distributed import world_info
 
 log = logging.getLogger("align")
 _ABSENT = object()

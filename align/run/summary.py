@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from align.chat import stop_token_ids
 from align.config import AlignConfig, ModelConfig
 from align.data import load_recipe_data
 from align.data.formats import other_column_names
-from align.models import load_causal_lm, load_tokenizer
-from align.plugins import import_reward_fn
-from align.ppo.forward import response_logprobs
-from align.ppo.rollout import rollout_episodes, sample
-from align.rows import PaddedRows
+from align.modeling.chat import stop_token_ids
+from align.modeling.models import load_causal_lm, load_tokenizer
+from align.modeling.rows import PaddedRows
+from align.rl.forward import response_logprobs
+from align.rl.reward_fns import import_reward_fn
+from align.rl.rollout import rollout_episodes, sample
 
-log = logging.getLogger("align.summary")
+log = logging.getLogger("align.run.summary")
 
 
 def write_summary(config: AlignConfig, out: Path, outputs: dict[str, Path]) -> str:
@@ -88,7 +88,7 @@ def _evaluation_inputs(config: AlignConfig, outputs: dict[str, Path], prompts_fi
 
 def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, prompts) -> dict[str, float]:
     """Sample once per held-out prompt from each policy with the same seed and settings."""
-    from align.reward_model import episode_rewards, load_reward_model, own_tokenizer
+    from align.modeling.reward_model import episode_rewards, load_reward_model, own_tokenizer
 
     sft_dir = outputs["sft"] / "final" if "sft" in outputs else None
     ppo_dir = outputs["ppo"] / "final"

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
 from align.config import AlignConfig
-from align.models import ADAPTER_CONFIG
+from align.modeling.models import ADAPTER_CONFIG
 
 
 def save_random_base(model: PreTrainedModel, out: Path, *, is_main: bool | None = None) -> Path:

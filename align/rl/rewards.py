@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from align.ppo.normalize import RunningMoments, normalize_reward
+from align.rl.normalize import RunningMoments, normalize_reward
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:

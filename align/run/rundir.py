@@ -13,7 +13,7 @@ import yaml
 
 from align.config import AlignConfig
 from align.errors import CheckpointError
-from align.tracking import config_dict
+from align.run.tracking import config_dict
 
 log = logging.getLogger("align")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

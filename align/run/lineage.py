@@ -16,7 +16,7 @@ from typing import Any
 
 import align
 from align.config import REPO_ROOT, AlignConfig
-from align.tracking import config_dict, jsonable
+from align.run.tracking import config_dict, jsonable
 
 MANIFEST = "manifest.json"
 

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from align.ppo.normalize import AllReduce, dist_all_reduce
+from align.rl.normalize import AllReduce, dist_all_reduce
 
 KLEstimator = Literal["k1", "k2", "k3"]
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.ppo.rewards import last_token_index
+from align.rl.rewards import last_token_index
 
 PACKED_SDPA = "align_packed_sdpa"
 

@@ -2,7 +2,7 @@
 
 Rollout and update must compute the same numbers for the same tokens (ppo_details: a mismatch
 shows up as a first-epoch ratio away from 1 or a negative KL), so both go through these
-functions, with the same row layout (align/rows.py), position ids and temperature as sampling.
+functions, with the same row layout (align/modeling/rows.py), position ids and temperature as sampling.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from align.models import unwrap_model
-from align.ppo.losses import logprobs_from_logits, token_entropy
-from align.rows import Rows
+from align.modeling.models import unwrap_model
+from align.modeling.rows import Rows
+from align.rl.losses import logprobs_from_logits, token_entropy
 
 
 def disable_dropout(model: nn.Module) -> None:

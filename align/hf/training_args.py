@@ -7,8 +7,8 @@ from typing import Any
 import torch
 
 from align.config import AlignConfig
-from align.distributed import REUSE_DISTRIBUTED_STATE, build_deepspeed_config, world_info
-from align.models import resolve_precision
+from align.modeling.models import resolve_precision
+from align.run.distributed import REUSE_DISTRIBUTED_STATE, build_deepspeed_config, world_info
 
 
 def hf_training_kwargs(config: AlignConfig, *, has_eval: bool) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def hf_training_kwargs(config: AlignConfig, *, has_eval: bool) -> dict[str, Any]
         "data_seed": config.seed,
         "report_to": [],
         "dataloader_num_workers": 0,
-        # Keep the process state align.distributed.init_distributed built (see its docstring).
+        # Keep the process state align.run.distributed.init_distributed built (see its docstring).
         "accelerator_config": REUSE_DISTRIBUTED_STATE,
         "deepspeed": build_deepspeed_config(
             config.deepspeed.stage,

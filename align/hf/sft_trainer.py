@@ -21,7 +21,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from align.hf_trainer import AlignTrainerMixin
+from align.hf.trainer import AlignTrainerMixin
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from align.rundir import publish_checkpoint
+from align.run.rundir import publish_checkpoint
 
 STATE_FILE = "trainer_state.json"
 

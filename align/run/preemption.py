@@ -12,7 +12,7 @@ import signal
 
 from transformers import TrainerCallback
 
-from align.distributed import any_rank
+from align.run.distributed import any_rank
 
 log = logging.getLogger("align")
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from align.hf_callbacks import NonFiniteGuard
-from align.rundir import publish_checkpoint
+from align.hf.callbacks import NonFiniteGuard
+from align.run.rundir import publish_checkpoint
 
 STAGING_DIR = ".staging"
 

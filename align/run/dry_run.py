@@ -16,9 +16,9 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from align.config import REPO_ROOT, AlignConfig, ModelConfig
-from align.distributed import world_info
-from align.models import load_model_config
-from align.tracking import config_dict
+from align.modeling.models import load_model_config
+from align.run.distributed import world_info
+from align.run.tracking import config_dict
 
 GiB = 2**30
 # config.json of the hub ids in conf/model/, named <org>--<name>.json: a job is sized before it

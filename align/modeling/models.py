@@ -21,9 +21,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from align.chat import ensure_chat_template, stop_token_ids
 from align.config import AlignConfig, ModelConfig, PeftConfig
 from align.errors import ConfigError, ModelError
+from align.modeling.chat import ensure_chat_template, stop_token_ids
 
 ADAPTER_CONFIG = "adapter_config.json"
 

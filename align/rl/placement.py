@@ -26,11 +26,11 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
-from align.distributed import any_rank
 from align.errors import CheckpointError
-from align.models import autocast, is_adapter_dir
-from align.ppo.forward import ValueModel
-from align.saving import save_pretrained_fp32
+from align.modeling.models import autocast, is_adapter_dir
+from align.rl.forward import ValueModel
+from align.run.distributed import any_rank
+from align.run.saving import save_pretrained_fp32
 
 OPTIMIZER_FILE = "optimizer.pt"
 DEEPSPEED_TAG = "deepspeed"

@@ -146,7 +146,7 @@ def check_world(state: PartialState | None = None) -> None:
     if (state.num_processes, state.process_index) != (world, rank):
         raise RuntimeError(
             f"accelerate sees process {state.process_index} of {state.num_processes} but the process group "
-            f"is rank {rank} of {world}: call align.distributed.init_distributed() before any "
+            f"is rank {rank} of {world}: call align.run.distributed.init_distributed() before any "
             "TrainingArguments/Accelerator and pass accelerator_config=REUSE_DISTRIBUTED_STATE"
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from align.ppo.masked import masked_mean, masked_var
+from align.rl.masked import masked_mean, masked_var
 
 
 def policy_loss(

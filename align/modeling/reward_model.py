@@ -27,11 +27,11 @@ from peft import PeftModel
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from align import models
-from align.chat import encode, end_of_turn_id, render
 from align.config import ModelConfig, PeftConfig
 from align.errors import ModelError
-from align.rows import PaddedRows, Rows
+from align.modeling import models
+from align.modeling.chat import encode, end_of_turn_id, render
+from align.modeling.rows import PaddedRows, Rows
 
 log = logging.getLogger("align.rm")
 
@@ -157,7 +157,7 @@ def rewards_at_last_token(model: torch.nn.Module, input_ids: Tensor, attention_m
 
 
 def row_rewards(model: torch.nn.Module, rows: Rows) -> Tensor:
-    """``[B]`` rewards at each row's last real token, for padded or packed rows (align/rows.py).
+    """``[B]`` rewards at each row's last real token, for padded or packed rows (align/modeling/rows.py).
 
     The forward goes through ``model`` itself (DDP, DeepSpeed and PEFT wrappers see it); the score
     head is applied to the final hidden state at each row's last token only.

@@ -1,0 +1,1 @@
+"""Models and chat: loading and precision, chat templates, reward models, packed rows."""
