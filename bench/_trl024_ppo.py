@@ -4,7 +4,15 @@ Runs inside bench/.venv-trl024 (trl 0.24.0, transformers 4.x), never in align's 
 the models and the tokenised prompts that ppo_throughput.py wrote and writes one JSON line per
 PPO step: when the step ended and how long generation, scoring and the update took.
 
-    python bench/_trl024_ppo.py --policy DIR --reward-model DIR --prompts FILE --steps N --out FILE
+    python bench/_trl024_ppo.py --policy DIR --reward-model DIR --prompts FILE --steps N --out FILE [--precision bf16]
+
+--precision bf16 sets PPOConfig(bf16=True) over the fp32 weights loaded here (use_cpu=True without
+a GPU: transformers 4.x accepts bf16 there only with it; with a GPU TRL runs on it, as align
+does). TrainingArguments passes
+bf16 to Accelerate (ACCELERATE_MIXED_PRECISION), so the autocast is where TRL 0.24 puts it: the
+accelerator-prepared policy+value wrapper, i.e. the update's forward; generation and the
+reference, value and reward forwards of scoring call the inner models directly (read from TRL
+0.24's ppo_trainer.py, not measured here).
 
 The split is taken with hooks, not by editing TRL: generation is the `batch_generation` call,
 the update starts at the first `accelerator.accumulate` of the step and ends at `on_step_end`,
@@ -70,6 +78,7 @@ def main() -> None:
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--eos-token", default="<|im_end|>")
     ap.add_argument("--pad-token", default="<|endoftext|>")
     args = ap.parse_args()
@@ -112,8 +121,8 @@ def main() -> None:
         report_to="none",
         logging_steps=1,
         disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=args.precision == "bf16",
         fp16=False,
         seed=args.seed,
     )

@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/ppo_throughput.py                 # both sizes, ~8 minutes on 2 CPU cores
     .venv/bin/python bench/ppo_throughput.py --sizes 125k --steps 10
+    .venv/bin/python bench/ppo_throughput.py --sizes 20m --precision both   # fp32 and bf16, ~2x as long
 
 Measures episodes per second and where a step's time goes (generation, scoring, update) on a
 ~125k- and a ~20M-parameter Qwen2, with the same settings on both sides: 8 prompts x 1 response
-per step, 32-token responses, 1 PPO epoch in 1 mini-batch of 8, fp32, a reward model built from
+per step, 32-token responses, 1 PPO epoch in 1 mini-batch of 8, the same precision (--precision:
+fp32, bf16 mixed precision over fp32 weights, or both in one run), a reward model built from
 the same config on both sides and the value model initialised from it, the same chat-rendered
 prompts (data_recipes/demo_prompts). Both sides are started as subprocesses, and the same
 outside clock times both: each writes one JSON line per step (align: log.jsonl; TRL:
@@ -14,6 +16,11 @@ and the child's CPU time. Episodes/s is the batch over the median step time of t
 the warm-up, so start-up (imports, model loading) is excluded and a step slowed by another
 process does not count; the sides run in alternating rounds (--rounds) and each keeps its best.
 The split is each side's in-process timers (medians too).
+
+bf16: align runs with train.precision=bf16 (autocast over generation, scoring and the update), TRL
+with PPOConfig(bf16=True), which autocasts only what Accelerate wraps (see bench/_trl024_ppo.py).
+The bf16 hardware is printed beside the ratios: without a GPU, AMX or AVX512-BF16 bf16 is emulated
+and slower than fp32.
 
 TRL 0.24 needs transformers 4.x, so its side runs in its own virtual environment,
 bench/.venv-trl024, created on first use (pip; torch 2.13.0 CPU comes from the local wheels).
@@ -187,7 +194,7 @@ def summarize(rows: list[dict], warmup: int, steps: int) -> dict[str, float]:
     return out
 
 
-def run_trl(python: Path, dirs: dict, prompts: Path, work: Path, total: int, env: dict) -> list[dict]:
+def run_trl(python: Path, dirs: dict, prompts: Path, work: Path, total: int, precision: str, env: dict) -> list[dict]:
     lines = work / "trl_steps.jsonl"
     cmd = [
         str(python),
@@ -200,11 +207,12 @@ def run_trl(python: Path, dirs: dict, prompts: Path, work: Path, total: int, env
         "--response-length", str(RESPONSE_LENGTH),
         "--output-dir", str(work / "trl_out"),
         "--out", str(lines),
+        "--precision", precision,
     ]  # fmt: skip
     return run_stamped(cmd, lines, work / "trl.log", env)
 
 
-def run_ours(dirs: dict, work: Path, total: int, env: dict) -> list[dict]:
+def run_ours(dirs: dict, work: Path, total: int, precision: str, env: dict) -> list[dict]:
     out = work / "align_out"
     cmd = [
         sys.executable, "-m", "align",
@@ -224,7 +232,7 @@ def run_ours(dirs: dict, work: Path, total: int, env: dict) -> list[dict]:
         "ppo.temperature=1.0",
         "ppo.top_p=1.0",
         "ppo.sample_every=0",
-        "train.precision=fp32",
+        f"train.precision={precision}",
         f"train.max_steps={total}",
         "train.save_steps=0",
         "seed=42",
@@ -241,9 +249,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="steps run before the timing starts")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for both sides")
     ap.add_argument("--rounds", type=int, default=2, help="runs per side, interleaved; each side's best counts")
+    ap.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16", "both"], help="both sides' precision (default fp32)"
+    )
     ap.add_argument("--workdir", default=None, help="keep models and logs here (default: a temp dir)")
     args = ap.parse_args()
     sizes = args.sizes.split(",")
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     total = args.warmup + args.steps
 
     trl_python = ensure_trl_venv()
@@ -262,71 +274,99 @@ def main() -> None:
     dirs = build_models(work, sizes)
     prompts = write_prompts(work, dirs[sizes[0]]["policy"])
 
-    # Rounds alternate the sides, so a stretch of load from other processes hits both; each side
-    # is then judged by its best round (as timeit takes the minimum).
-    rounds: dict[tuple[str, str], list[dict[str, float]]] = {}
+    # Rounds alternate the sides (and precisions), so a stretch of load from other processes hits
+    # all of them; each is then judged by its best round (as timeit takes the minimum).
+    rounds: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     for size in sizes:
         size_dir = work / f"run_{size}"
         size_dir.mkdir(exist_ok=True)
         for round_ in range(1, args.rounds + 1):
-            for side in ("trl", "align"):
-                side_dir = size_dir / side
-                side_dir.mkdir(exist_ok=True)
-                t0 = time.perf_counter()
-                rows = (
-                    run_trl(trl_python, dirs[size], prompts, side_dir, total, env)
-                    if side == "trl"
-                    else run_ours(dirs[size], side_dir, total, env)
-                )
-                result = summarize(rows, args.warmup, args.steps)
-                if side == "align":
-                    result["ratio_first_epoch"] = rows[-1].get("ppo/ratio", float("nan"))
-                rounds.setdefault((size, side), []).append(result)
-                print(
-                    f"{size:>5} {side:<5} round {round_}: {result['eps']:7.2f} episodes/s "
-                    f"(mean over the window {result['eps_mean']:.2f}; {time.perf_counter() - t0:.0f} s with start-up)",
-                    flush=True,
-                )
-    results = {key: max(runs, key=lambda r: r["eps"]) for key, runs in rounds.items()}
-
+            for precision in precisions:
+                for side in ("trl", "align"):
+                    side_dir = size_dir / f"{side}_{precision}"
+                    side_dir.mkdir(exist_ok=True)
+                    t0 = time.perf_counter()
+                    rows = (
+                        run_trl(trl_python, dirs[size], prompts, side_dir, total, precision, env)
+                        if side == "trl"
+                        else run_ours(dirs[size], side_dir, total, precision, env)
+                    )
+                    result = summarize(rows, args.warmup, args.steps)
+                    if side == "align":
+                        result["ratio_first_epoch"] = rows[-1].get("ppo/ratio", float("nan"))
+                    rounds.setdefault((size, precision, side), []).append(result)
+                    print(
+                        f"{size:>5} {precision} {side:<5} round {round_}: {result['eps']:7.2f} episodes/s "
+                        f"(mean over the window {result['eps_mean']:.2f}; "
+                        f"{time.perf_counter() - t0:.0f} s with start-up)",
+                        flush=True,
+                    )
     print(
         f"\nPPO throughput: {BATCH} prompts x 1 response, {RESPONSE_LENGTH} new tokens, 1 epoch, "
-        f"1 mini-batch, fp32, {args.steps} steps after {args.warmup} warm-up, "
+        f"1 mini-batch, {' and '.join(precisions)}, {args.steps} steps after {args.warmup} warm-up, "
         f"OMP_NUM_THREADS={args.threads}, best of {args.rounds} interleaved rounds per side\n"
     )
+    report(rounds, {size: dirs[size]["params"] for size in sizes}, sizes, precisions)
+    if tmp is not None:
+        tmp.cleanup()
+
+
+def bf16_hardware_line() -> str:
+    from align.modeling.models import bf16_hardware
+
+    hardware = bf16_hardware()
+    if hardware:
+        return f"bf16 hardware: {hardware}"
+    return (
+        "bf16 hardware: none, bf16 emulated (no GPU with bf16, a CPU without AMX or AVX512-BF16): slower "
+        "than fp32 here, so bf16 ratios on this host say nothing about bf16 hardware"
+    )
+
+
+def report(rounds: dict, params: dict[str, int], sizes: list[str], precisions: list[str]) -> None:
+    """The table of each (size, precision, side)'s best round, then the ratios."""
+    results = {key: max(runs, key=lambda r: r["eps"]) for key, runs in rounds.items()}
     head = (
-        f"{'model':<14}{'side':<10}{'ep/s':>8}{'ep/cpu-s':>10}{'step s':>9}"
+        f"{'model':<14}{'prec':<6}{'side':<10}{'ep/s':>8}{'ep/cpu-s':>10}{'step s':>9}"
         f"{'generate':>10}{'score':>8}{'update':>8}{'other':>8}"
     )
     print(head)
     print("-" * len(head))
     for size in sizes:
-        label = f"{size} ({dirs[size]['params'] / 1e6:.2f}M)"
-        for side, name in (("trl", "TRL 0.24"), ("align", "align")):
-            r = results[size, side]
-            print(
-                f"{label:<14}{name:<10}{r['eps']:8.2f}{r['eps_cpu']:10.2f}{r['step_s']:9.3f}"
-                f"{r['time/generate']:10.3f}{r['time/score']:8.3f}{r['time/update']:8.3f}{r['other']:8.3f}"
-            )
-            label = ""
+        label = f"{size} ({params[size] / 1e6:.2f}M)"
+        for precision in precisions:
+            for side, name in (("trl", "TRL 0.24"), ("align", "align")):
+                r = results[size, precision, side]
+                print(
+                    f"{label:<14}{precision:<6}{name:<10}{r['eps']:8.2f}{r['eps_cpu']:10.2f}{r['step_s']:9.3f}"
+                    f"{r['time/generate']:10.3f}{r['time/score']:8.3f}{r['time/update']:8.3f}{r['other']:8.3f}"
+                )
+                label = ""
     print()
     for size in sizes:
-        ours, trl = results[size, "align"], results[size, "trl"]
-        ratio = ours["eps"] / trl["eps"]
-        verdict = "meets 2x" if ratio >= 2 else "passes 1.5x" if ratio >= 1.5 else "below 1.5x"
-        print(
-            f"{size:>5}: align / TRL = {ratio:.2f}x episodes/s ({ours['eps_cpu'] / trl['eps_cpu']:.2f}x per "
-            f"CPU-second; generate {trl['time/generate'] / ours['time/generate']:.2f}x, "
-            f"score {trl['time/score'] / ours['time/score']:.2f}x, "
-            f"update {trl['time/update'] / ours['time/update']:.2f}x faster) -> {verdict}"
-        )
-        if args.rounds > 1:
-            paired = [a["eps"] / t["eps"] for a, t in zip(rounds[size, "align"], rounds[size, "trl"], strict=True)]
-            print(f"{'':>7}round by round: {', '.join(f'{r:.2f}x' for r in paired)}")
-    first_ratio = [r["ratio_first_epoch"] for s in sizes for r in rounds[s, "align"]]
+        for precision in precisions:
+            ours, trl = results[size, precision, "align"], results[size, precision, "trl"]
+            ratio = ours["eps"] / trl["eps"]
+            verdict = "meets 2x" if ratio >= 2 else "passes 1.5x" if ratio >= 1.5 else "below 1.5x"
+            faster = ", ".join(f"{key[5:]} {trl[key] / ours[key]:.2f}x" for key in SPLIT)
+            print(
+                f"{size:>5} {precision}: align / TRL = {ratio:.2f}x episodes/s "
+                f"({ours['eps_cpu'] / trl['eps_cpu']:.2f}x per CPU-second; {faster} faster) -> {verdict}"
+            )
+            paired = [
+                a["eps"] / t["eps"]
+                for a, t in zip(rounds[size, precision, "align"], rounds[size, precision, "trl"], strict=True)
+            ]
+            if len(paired) > 1:
+                print(f"{'':>12}round by round: {', '.join(f'{r:.2f}x' for r in paired)}")
+        if len(precisions) == 2:
+            for side, name in (("align", "align"), ("trl", "TRL 0.24")):
+                ratio = results[size, "bf16", side]["eps"] / results[size, "fp32", side]["eps"]
+                print(f"{size:>5}: {name} bf16 / fp32 = {ratio:.2f}x episodes/s")
+    if "bf16" in precisions:
+        print(bf16_hardware_line())
+    first_ratio = [r["ratio_first_epoch"] for (_, _, side), runs in rounds.items() if side == "align" for r in runs]
     print(f"\nalign's first-epoch policy ratio (must be exactly 1): {first_ratio}")
-    if tmp is not None:
-        tmp.cleanup()
 
 
 if __name__ == "__main__":
