@@ -207,6 +207,28 @@ class PPOConfig:
     packing: bool = True
     """Score and train on packed rows (no padding computed) when every model's attention allows it
     (SDPA, full attention); otherwise, or when false, on padded rows."""
+    advantage: str = "gae"
+    """How each response token's advantage is estimated: 'gae' (a value model, PPO as in the Qwen
+    report), or critic-free, with no value model built: 'grpo' (reward minus its prompt group's
+    mean, over the group's std), 'dr_grpo' (Dr. GRPO: minus the group mean, no std; pair it with
+    loss_agg=token_sum), 'rloo' (minus the mean of the other responses to the same prompt),
+    'reinforce_pp' (REINFORCE++: the return with per-token KL, whitened over the batch). The
+    critic-free estimators need responses_per_prompt >= 2 ('reinforce_pp' aside)."""
+    kl_in: str = "reward"
+    """Where the KL to the reference acts: 'reward' (a per-token penalty in the reward, PPO's way)
+    or 'loss' (kl_coef x the k3 estimate added to the policy loss, GRPO's way)."""
+    loss_agg: str = "token_mean"
+    """How the policy's token losses become one, per micro-batch: 'token_mean' (over every response
+    token), 'seq_mean' (each response's token mean, then the mean over responses: GRPO's paper), or
+    'token_sum' (the sum over tokens divided by responses x max_new_tokens, Dr. GRPO's constant)."""
+    clip_eps_high: float | None = None
+    """Upper ratio clip 1 + clip_eps_high (DAPO's clip-higher, e.g. 0.28); null: clip_eps."""
+    skip_uniform_groups: bool = False
+    """Leave out of the update every prompt group whose rewards are all equal (no signal for a
+    group-relative estimator; DAPO's dynamic sampling without the resampling). Their share is
+    logged as ppo/uniform_groups either way."""
+    overlong_filter: bool = False
+    """Leave responses cut off at max_new_tokens out of the update (DAPO's overlong filter)."""
 
 
 @dataclass
@@ -248,6 +270,9 @@ class AlignConfig:
     or a path to a checkpoint directory."""
     dry_run: bool = False
     """Print the resolved plan and exit before loading weights."""
+    stage_preset: str | None = None
+    """Set by a stage/ file that presets another stage (conf/stage/grpo.yaml: the ppo stage, GRPO's
+    settings): its name, so the start-up block attributes its keys to it."""
     tuning_preset: str | None = None
     """Set by the tuning/ group: the conf/tuning/ file that adapted the stage's defaults to the chosen
     model preset (`<stage>_<model>`, e.g. the tiny demo's learning rates); None for other models."""

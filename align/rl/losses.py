@@ -1,6 +1,7 @@
 """PPO losses and the per-token quantities they need, as pure functions over tensors and masks.
 
-Losses are token means over the response tokens of the (micro-)batch. Masked log-ratios are
+Losses are token means over the response tokens of the (micro-)batch unless another aggregation
+is asked for (``aggregate``). Masked log-ratios are
 zeroed before ``exp`` so that pad positions, whose log-probs may be ``-inf``, can produce neither
 NaN losses nor NaN gradients.
 """
@@ -12,23 +13,56 @@ from torch import Tensor
 
 from align.rl.masked import masked_mean, masked_var
 
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "token_sum")
 
-def policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped-ratio PPO loss (Schulman et al. 2017), averaged over response tokens.
 
-    ``logp`` comes from the policy being trained, ``old_logp`` from the rollout; all ``[B, T]``.
-    Stats (detached): ``clipfrac`` (share of tokens where the clipped term is the one used),
-    ``approx_kl`` (mean ``0.5 * (logp - old_logp)**2``, as TRL and the N+ details log it),
-    ``ratio_mean``.
+def aggregate(per_token: Tensor, mask: Tensor, how: str = "token_mean", max_len: int | None = None) -> Tensor:
+    """One loss from ``[B, T]`` per-token losses over the masked response tokens.
+
+    'token_mean': the mean over every token (long responses weigh more, per response);
+    'seq_mean': each response's token mean, then the mean over the responses that have tokens
+    (GRPO's paper: every response weighs the same, so a long one's tokens weigh less);
+    'token_sum': the sum over tokens divided by ``B x max_len`` (Dr. GRPO: a constant, so neither
+    length is favoured).
     """
     mask = mask.bool()
+    if how == "token_mean":
+        return masked_mean(per_token, mask)
+    if how == "seq_mean":
+        per_response = masked_mean(per_token, mask, dim=-1)
+        return masked_mean(per_response, mask.any(-1))
+    if how == "token_sum":
+        if max_len is None:
+            raise ValueError("loss aggregation 'token_sum' needs max_len (the response length limit)")
+        return torch.where(mask, per_token, torch.zeros_like(per_token)).sum() / (mask.shape[0] * max_len)
+    raise ValueError(f"unknown loss aggregation '{how}'; expected one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    agg: str = "token_mean",
+    max_len: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped-ratio PPO loss (Schulman et al. 2017) over response tokens, aggregated by `agg`.
+
+    ``logp`` comes from the policy being trained, ``old_logp`` from the rollout; all ``[B, T]``.
+    The ratio is clipped to ``[1 - clip_eps, 1 + clip_eps_high]`` (DAPO's clip-higher when the two
+    differ; ``clip_eps_high=None`` is symmetric). Stats (detached, token means): ``clipfrac``
+    (share of tokens where the clipped term is the one used), ``approx_kl`` (mean
+    ``0.5 * (logp - old_logp)**2``, as TRL and the N+ details log it), ``ratio_mean``.
+    """
+    mask = mask.bool()
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg, max_len)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),

@@ -106,10 +106,17 @@ def report(config: AlignConfig) -> str:
     lines.append(f"model: {model_cfg.name_or_path}: {total / 1e6:.1f}M parameters (largest layer {largest / 1e6:.1f}M)")
     if config.peft.enabled:
         lines.append("peft: LoRA trains a small adapter; the estimates below are for full finetuning (an upper bound)")
-    if config.stage_name == "ppo":
+    if config.stage_name == "ppo" and config.ppo.advantage == "gae":
         lines.append(
             "ppo: policy and value are trained (estimates below each); the frozen reference and reward "
             f"model add about {2 * 2 * total / GiB:.2f} GiB in 16-bit per device (shared out under zero3)"
+        )
+    elif config.stage_name == "ppo":
+        frozen = 1 + bool(config.ppo.reward_model)
+        lines.append(
+            f"ppo.advantage={config.ppo.advantage}: the policy alone is trained (estimate below), no value model; "
+            f"the frozen {'reference and reward model add' if frozen > 1 else 'reference adds'} about "
+            f"{frozen * 2 * total / GiB:.2f} GiB in 16-bit per device (shared out under zero3)"
         )
     lines.append(f"\nDeepSpeed estimate of model-state memory (params, grads, optimizer) for {model_cfg.name_or_path}:")
     lines.append(f"  {'setting':42} {'per CPU node':>13} {'per GPU':>9}")

@@ -32,7 +32,7 @@ def _get(node: object, key: str) -> object:
 def origin(config: AlignConfig, key: str) -> str:
     """Which layer set `key` (e.g. 'train.lr') to its value in this run: default, stage, tuning or override."""
     source, expected = "default", _get(AlignConfig(), key)
-    layers = [("stage", f"stage/{config.stage_name}")]
+    layers = [("stage", f"stage/{name}") for name in (config.stage_name, config.stage_preset) if name]
     if config.tuning_preset:
         layers.append(("tuning", f"tuning/{config.tuning_preset}"))
     for name, layer in layers:
@@ -73,8 +73,13 @@ def _numbers(config: AlignConfig) -> list[str]:
     lines = [lr]
     if config.stage_name == "ppo":
         episodes = ppo.prompts_per_step * ppo.responses_per_prompt
-        warmup = _value(config, "ppo.value_warmup_steps", " steps")
-        lines.append(f"value:     lr {_value(config, 'ppo.value_lr')}, warm-up {warmup}")
+        if ppo.advantage == "gae":
+            warmup = _value(config, "ppo.value_warmup_steps", " steps")
+            lines.append(f"value:     lr {_value(config, 'ppo.value_lr')}, warm-up {warmup}")
+        else:
+            lines.append(f"advantage: {_value(config, 'ppo.advantage')}, no value model")
+        where = "in the reward" if ppo.kl_in == "reward" else "in the loss (k3)"
+        lines.append(f"kl:        {_value(config, 'ppo.kl_coef')} {where} [{origin(config, 'ppo.kl_in')}]")
         lines.append(
             f"batch:     {_value(config, 'ppo.prompts_per_step', ' prompts')} x "
             f"{_value(config, 'ppo.responses_per_prompt', ' responses')} = {episodes} episodes per device x {world} "
@@ -119,8 +124,9 @@ def describe(config: AlignConfig, model_cfg: ModelConfig, model: nn.Module, toke
         )
     lines += _numbers(config)
     tuning = f", [tuning] conf/tuning/{config.tuning_preset}.yaml" if config.tuning_preset else ", no tuning preset"
+    stage = config.stage_preset or config.stage_name
     lines.append(
-        f"from:      [default] align/config.py (the Qwen report), [stage] conf/stage/{config.stage_name}.yaml"
+        f"from:      [default] align/config.py (the Qwen report), [stage] conf/stage/{stage}.yaml"
         f"{tuning}, [override] the command line"
     )
     lines.append(f"precision: {describe_precision(config.train.precision)}")

@@ -4,7 +4,9 @@ The recipe: load the four roles (policy, reference, reward, value; placed on one
 parallel or DeepSpeed ZeRO-2/3 by align/rl/placement.py), then each step
   1. sample `responses_per_prompt` responses to a batch of prompts (top-p, stop at EOS);
   2. score them (reward model at the last real token and/or a reward function), normalise;
-  3. per-token KL penalty against the reference, GAE advantages, whitened;
+  3. per-token KL penalty against the reference, GAE advantages, whitened; or, critic-free
+     (`ppo.advantage`: GRPO, Dr. GRPO, RLOO, REINFORCE++), advantages from the rewards alone,
+     with no value model, and the KL in the reward or in the loss (`ppo.kl_in`);
   4. `ppo.epochs` passes of clipped policy and value losses over mini-batches (only the value
      model learns during the first `value_warmup_steps`), plus the optional PTX loss;
   5. log, and checkpoint everything a resumed run needs.
@@ -37,10 +39,17 @@ from align.modeling.chat import stop_token_ids
 from align.modeling.reward_model import episode_rewards, own_tokenizer
 from align.modeling.rows import Rows, can_pack, enable_packing, make_rows
 from align.rl import checkpoint
-from align.rl.advantages import gae, whiten_advantages
+from align.rl.advantages import (
+    CRITIC_FREE,
+    GROUP_ESTIMATORS,
+    critic_free_advantages,
+    gae,
+    uniform_groups,
+    whiten_advantages,
+)
 from align.rl.forward import ValueModel, disable_dropout, response_logprobs
-from align.rl.kl import AdaptiveKLController, FixedKLController, kl_penalty, mean_kl_over_ranks
-from align.rl.losses import explained_variance, policy_loss, value_loss
+from align.rl.kl import AdaptiveKLController, FixedKLController, kl_k3, kl_penalty, mean_kl_over_ranks
+from align.rl.losses import LOSS_AGGREGATIONS, aggregate, explained_variance, policy_loss, value_loss
 from align.rl.masked import masked_mean
 from align.rl.normalize import RunningMoments
 from align.rl.placement import Placement, TrainedModel
@@ -77,7 +86,7 @@ def run(config: AlignConfig) -> dict[str, float]:
     tokenizer = models.load_tokenizer(policy_cfg)
     reward_tokenizer = own_tokenizer(ppo.reward_model, tokenizer) if ppo.reward_model else None
     if reward_tokenizer is not None:
-        if ppo.value_init == "reward_model":
+        if ppo.advantage == "gae" and ppo.value_init == "reward_model":
             raise ConfigError(
                 f"ppo.reward_model '{ppo.reward_model}' has another tokenizer than the policy, so a value model "
                 "initialised from it could not read the policy's tokens; set ppo.value_init=policy"
@@ -114,7 +123,9 @@ def run(config: AlignConfig) -> dict[str, float]:
         policy_model = models.apply_lora(policy_model, config.peft, new_tokens=False)
     plan.log_plan(config, policy_cfg, policy_model, tokenizer, is_main=accelerator.is_main_process)
     reward_model = load_frozen_reward_model(ppo.reward_model, config) if ppo.reward_model else None
-    value_model = ValueModel(load_value_backbone(config, policy_cfg, tokenizer))
+    # A critic-free estimator needs no value model: none is built, loaded or trained.
+    critic_free = ppo.advantage in CRITIC_FREE
+    value_model = None if critic_free else ValueModel(load_value_backbone(config, policy_cfg, tokenizer))
     for model in (policy_model, reference, reward_model, value_model):
         if model is not None:
             disable_dropout(model)
@@ -124,9 +135,12 @@ def run(config: AlignConfig) -> dict[str, float]:
 
     steps = config.train.max_steps
     # The policy is frozen while the critic warms up: its schedule spans the steps it trains.
-    policy_steps = max(steps - ppo.value_warmup_steps, 1)
+    warmup = 0 if critic_free else ppo.value_warmup_steps
+    policy_steps = max(steps - warmup, 1)
     policy = placement.trained(policy_model, *make_optimizer(policy_model, config.train.lr, config, policy_steps))
-    value = placement.trained(value_model, *make_optimizer(value_model, ppo.value_lr, config, steps))
+    value = None
+    if value_model is not None:
+        value = placement.trained(value_model, *make_optimizer(value_model, ppo.value_lr, config, steps))
     reference, reward_model = placement.frozen(reference), placement.frozen(reward_model)
 
     kl_ctl = (
@@ -175,11 +189,12 @@ def run(config: AlignConfig) -> dict[str, float]:
         t_generate = time.perf_counter()
 
         # 2-3. Score, KL penalty, advantages. The critic warms up alone first (Qwen: 50 steps).
-        train_policy = step >= ppo.value_warmup_steps
+        train_policy = step >= warmup
         episodes = rollout_episodes(tokenizer, rollout, [row for row in batch for _ in range(ppo.responses_per_prompt)])
         rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=packed)
         first_forward = score_forward(policy, value, rows, ppo.temperature, config, train_policy)
-        old_logp, old_values = first_forward.logp.detach(), first_forward.values.detach()
+        old_logp = first_forward.logp.detach()
+        old_values = first_forward.values.detach() if value is not None else None
         with torch.no_grad(), models.autocast(precision, accelerator.device):
             ref_logp = reference_logprobs(reference, policy, rows, ppo.temperature)
             scores, score_parts, scored = score_rollout(reward_model, reward_tokenizer, reward_fn, rows, episodes)
@@ -195,12 +210,23 @@ def run(config: AlignConfig) -> dict[str, float]:
         )
         mask = rollout.response_mask
         kl = kl_penalty(old_logp, ref_logp, ppo.kl_estimator) * mask
-        rewards = per_token_rewards(torch.where(scored, norm_scores, 0.0), kl, mask, kl_ctl.value)
+        kl_coef_in_reward = kl_ctl.value if ppo.kl_in == "reward" else 0.0
+        rewards = per_token_rewards(torch.where(scored, norm_scores, 0.0), kl, mask, kl_coef_in_reward)
         # An episode no reward scored (a reward function's None) has no advantage and no value
         # target: it is left out of the update, as TRL leaves out what a reward function skips.
         trained = mask * scored[:, None]
-        advantages, returns = gae(rewards, old_values, trained, ppo.gamma, ppo.lam)
-        advantages = whiten_advantages(advantages, trained)
+        group = ppo.responses_per_prompt
+        uniform = uniform_groups(norm_scores, scored, group) if group > 1 else None
+        if ppo.skip_uniform_groups and uniform is not None:
+            trained = trained * (~uniform).repeat_interleave(group)[:, None]
+        if ppo.overlong_filter:
+            trained = trained * rollout.ended_with_eos[:, None]
+        if critic_free:
+            advantages = critic_free_advantages(ppo.advantage, rewards, trained, scored, group, ppo.gamma)
+            returns = None
+        else:
+            advantages, returns = gae(rewards, old_values, trained, ppo.gamma, ppo.lam)
+            advantages = whiten_advantages(advantages, trained)
         t_score = time.perf_counter()
 
         # 4. PPO epochs over mini-batches.
@@ -211,6 +237,8 @@ def run(config: AlignConfig) -> dict[str, float]:
             replace(rollout, response_mask=trained),
             old_logp,
             old_values,
+            ref_logp if ppo.kl_in == "loss" else None,
+            kl_ctl.value,
             advantages,
             returns,
             train_policy,
@@ -222,7 +250,8 @@ def run(config: AlignConfig) -> dict[str, float]:
         policy_lr = policy.scheduler.get_last_lr()[0]  # the rate this step's policy update used
         if train_policy:  # frozen during the critic warm-up: its schedule starts when it trains
             policy.scheduler.step()
-        value.scheduler.step()
+        if value is not None:
+            value.scheduler.step()
         # One controller on every rank: it is given the KL of all ranks' episodes (a collective).
         seq_kl, episodes_in_step = mean_kl_over_ranks(kl.sum(-1))
         kl_ctl.update(seq_kl, episodes_in_step)
@@ -241,7 +270,12 @@ def run(config: AlignConfig) -> dict[str, float]:
             "ppo/response_length": mask.sum(-1).mean().item(),
             "ppo/eos_rate": rollout.ended_with_eos.float().mean().item(),
             "ppo/advantage_mean": masked_mean(advantages, trained).item(),
-            "ppo/explained_variance": explained_variance(old_values, returns, trained).item(),
+            **({"ppo/uniform_groups": uniform.float().mean().item()} if uniform is not None else {}),
+            **(
+                {}
+                if value is None
+                else {"ppo/explained_variance": explained_variance(old_values, returns, trained).item()}
+            ),
             "ppo/policy_trained": float(train_policy),
             "ppo/lr": policy_lr,
             **stats,
@@ -294,7 +328,7 @@ _RANGES = [
     *((key, lambda v: 0 <= v <= 1, "in [0, 1]") for key in ("gamma", "lam")),
     *(
         (key, lambda v: v > 0, "above 0")
-        for key in ("clip_eps", "value_clip", "value_lr", "reward_clip", "kl_target", "kl_horizon")
+        for key in ("clip_eps", "clip_eps_high", "value_clip", "value_lr", "reward_clip", "kl_target", "kl_horizon")
     ),
     *(
         (key, lambda v: v >= 0, "0 or more")
@@ -316,6 +350,15 @@ def check_config(config: AlignConfig) -> None:
         )
     if ppo.kl_estimator not in ("k1", "k3"):
         raise ConfigError(f"ppo.kl_estimator must be k1 or k3, not '{ppo.kl_estimator}'")
+    choices_of = {"advantage": ("gae", *CRITIC_FREE), "kl_in": ("reward", "loss"), "loss_agg": LOSS_AGGREGATIONS}
+    for key, choices in choices_of.items():
+        if getattr(ppo, key) not in choices:
+            raise ConfigError(f"ppo.{key} must be one of {', '.join(choices)}, not '{getattr(ppo, key)}'")
+    if ppo.advantage in GROUP_ESTIMATORS and ppo.responses_per_prompt < 2:
+        raise ConfigError(
+            f"ppo.advantage={ppo.advantage} compares the responses to one prompt: ppo.responses_per_prompt must be "
+            f"at least 2, not {ppo.responses_per_prompt}"
+        )
     for key, ok, rule in _RANGES:
         value = getattr(ppo, key)
         if value is not None and not ok(value):
@@ -404,7 +447,7 @@ class Forward:
 
     logp: torch.Tensor
     entropy: torch.Tensor | None
-    values: torch.Tensor
+    values: torch.Tensor | None  # None without a value model
     keeps_graph: bool
 
 
@@ -424,7 +467,7 @@ def use_packed_rows(wanted: bool, roles: list[torch.nn.Module | None]) -> bool:
 
 
 def score_forward(
-    policy: TrainedModel, value: TrainedModel, rows: Rows, temperature: float, config: AlignConfig, train: bool
+    policy: TrainedModel, value: TrainedModel | None, rows: Rows, temperature: float, config: AlignConfig, train: bool
 ) -> Forward:
     """Old log-probs and values. When a rollout is a single micro-batch, the update's first forward
     would repeat this one with the same weights on the same tokens, so the graph is kept for it
@@ -432,7 +475,7 @@ def score_forward(
     episodes = config.ppo.prompts_per_step * config.ppo.responses_per_prompt
     keep = config.ppo.mini_batches == 1 and episodes == config.train.batch_size
     with torch.set_grad_enabled(keep):
-        values = value(rows)
+        values = value(rows) if value is not None else None
     with torch.set_grad_enabled(keep and train):
         logp, entropy = response_logprobs(policy, rows, temperature, with_entropy=keep)
     return Forward(logp, entropy, values, keeps_graph=keep)
@@ -468,12 +511,14 @@ def score_rollout(reward_model, reward_tokenizer, reward_fn, rows: Rows, episode
 def update(
     config: AlignConfig,
     policy: TrainedModel,
-    value: TrainedModel,
+    value: TrainedModel | None,
     rollout: Rollout,
     old_logp: torch.Tensor,
-    old_values: torch.Tensor,
+    old_values: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    kl_coef: float,
     advantages: torch.Tensor,
-    returns: torch.Tensor,
+    returns: torch.Tensor | None,
     train_policy: bool,
     ptx_batches,
     first_forward: Forward | None,
@@ -481,8 +526,10 @@ def update(
     packed: bool,
 ) -> dict[str, float]:
     """`ppo.epochs` passes over the rollout in mini-batches; the first epoch reuses `first_forward`
-    (the whole rollout as one micro-batch, scored with these weights) when given. A mini-batch
-    whose loss or gradient is not finite is not applied, and `on_nonfinite` says which."""
+    (the whole rollout as one micro-batch, scored with these weights) when given. Without a value
+    model (`value` None) only the policy trains; with `ref_logp` the policy loss carries the k3 KL
+    to the reference times `kl_coef` (GRPO's way). A mini-batch whose loss or gradient is not
+    finite is not applied, and `on_nonfinite` says which."""
     ppo, train = config.ppo, config.train
     n = rollout.input_ids.shape[0]
     mini_size = n // ppo.mini_batches
@@ -500,19 +547,33 @@ def update(
                 mask = rollout.response_mask[idx]
                 rows = make_rows(rollout.input_ids[idx], rollout.attention_mask[idx], rollout.prompt_len, packed=packed)
                 stats = {}
-                values = first_forward.values if reuse else value(rows)
-                v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], mask, ppo.value_clip)
-                finite["value"] &= bool(torch.isfinite(v_loss))
-                value.backward(v_loss, accum)
-                stats.update({"ppo/value_loss": v_loss.item(), "ppo/vf_clipfrac": v_stats["vf_clipfrac"].item()})
+                if value is not None:
+                    values = first_forward.values if reuse else value(rows)
+                    v_loss, v_stats = value_loss(values, old_values[idx], returns[idx], mask, ppo.value_clip)
+                    finite["value"] &= bool(torch.isfinite(v_loss))
+                    value.backward(v_loss, accum)
+                    stats.update({"ppo/value_loss": v_loss.item(), "ppo/vf_clipfrac": v_stats["vf_clipfrac"].item()})
                 if train_policy:
                     logp, entropy = (
                         (first_forward.logp, first_forward.entropy)
                         if reuse
                         else response_logprobs(policy, rows, ppo.temperature, with_entropy=True)
                     )
-                    p_loss, p_stats = policy_loss(logp, old_logp[idx], advantages[idx], mask, ppo.clip_eps)
+                    p_loss, p_stats = policy_loss(
+                        logp,
+                        old_logp[idx],
+                        advantages[idx],
+                        mask,
+                        ppo.clip_eps,
+                        ppo.clip_eps_high,
+                        ppo.loss_agg,
+                        ppo.max_new_tokens,
+                    )
                     loss = p_loss
+                    if ref_logp is not None:
+                        kl_loss = aggregate(kl_k3(logp, ref_logp[idx]), mask, ppo.loss_agg, ppo.max_new_tokens)
+                        loss = loss + kl_coef * kl_loss
+                        stats["ppo/kl_loss"] = kl_loss.item()
                     if ptx_batches is not None:
                         ptx_loss = ptx_lm_loss(policy, next(ptx_batches))
                         loss = loss + ppo.ptx_coef * ptx_loss
@@ -531,7 +592,9 @@ def update(
                 for key, val in stats.items():
                     sums[key] = sums.get(key, 0.0) + val
                 count += 1
-            grad_norms = {"ppo/value_grad_norm": value.finish_mini_batch(train.max_grad_norm, finite["value"])}
+            grad_norms = {}
+            if value is not None:
+                grad_norms["ppo/value_grad_norm"] = value.finish_mini_batch(train.max_grad_norm, finite["value"])
             if train_policy:
                 grad_norms["ppo/policy_grad_norm"] = policy.finish_mini_batch(train.max_grad_norm, finite["policy"])
             for role in ("value", "policy"):
@@ -675,7 +738,7 @@ class TrainState:
     """Everything that changes while PPO trains, and so everything a checkpoint must hold."""
 
     policy: TrainedModel
-    value: TrainedModel
+    value: TrainedModel | None  # None with a critic-free estimator
     kl_ctl: FixedKLController | AdaptiveKLController
     moments: RunningMoments
     sampler: PromptSampler
@@ -685,7 +748,8 @@ class TrainState:
 def save_checkpoint(out: Path, step: int, config: AlignConfig, accelerator: Accelerator, state: TrainState) -> None:
     def write(folder: Path) -> None:
         state.policy.save(folder / "policy", is_main=accelerator.is_main_process)
-        state.value.save(folder / "value", is_main=accelerator.is_main_process)
+        if state.value is not None:
+            state.value.save(folder / "value", is_main=accelerator.is_main_process)
 
     checkpoint.save(
         out / "checkpoints",
@@ -712,7 +776,10 @@ def restore(path: Path, accelerator: Accelerator, state: TrainState) -> int:
     if saved.get("stage") != "ppo":
         raise CheckpointError(f"{path} is a checkpoint of stage '{saved.get('stage')}', not ppo")
     state.policy.load(path / "policy")
-    state.value.load(path / "value")
+    if state.value is not None:
+        if not (path / "value").is_dir():
+            raise CheckpointError(f"{path} holds no value model: it was saved by a run without one (ppo.advantage)")
+        state.value.load(path / "value")
     state.kl_ctl.load_state_dict(saved["kl_ctl"])
     state.moments.load_state_dict(saved["reward_moments"])
     state.sampler.load_state_dict(saved["sampler"])
@@ -722,13 +789,16 @@ def restore(path: Path, accelerator: Accelerator, state: TrainState) -> int:
     return int(saved["step"])
 
 
-def save_final(out: Path, config: AlignConfig, accelerator, policy: TrainedModel, value: TrainedModel, tokenizer):
+def save_final(
+    out: Path, config: AlignConfig, accelerator, policy: TrainedModel, value: TrainedModel | None, tokenizer
+) -> None:
     """The policy in Hugging Face format in final/ (LoRA: the adapter, and merged weights when asked),
-    the value model in final/value/. Every rank joins (ZeRO-3 gathers the shards)."""
+    the value model (if any) in final/value/. Every rank joins (ZeRO-3 gathers the shards)."""
     accelerator.wait_for_everyone()
     final, is_main = out / "final", accelerator.is_main_process
     merged = final / "merged" if config.peft.enabled and config.peft.merge else None
-    value.save_pretrained(final / "value", is_main=is_main)
+    if value is not None:
+        value.save_pretrained(final / "value", is_main=is_main)
     policy.save_pretrained(final, is_main=is_main, merged=merged)
     if is_main:
         for folder in (final, merged):

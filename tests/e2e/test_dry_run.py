@@ -136,6 +136,14 @@ def test_a_ppo_job_is_sized_before_its_policy_exists(tmp_path):
     assert f"architecture: config.json of {policy} (local directory)" in report(config)
 
 
+def test_a_critic_free_job_is_sized_without_a_value_model():
+    ppo = report(check_overrides(["stage=ppo", "model=qwen2.5-0.5b", "ppo.reward_fn=m:f"]))
+    assert "ppo: policy and value are trained" in ppo
+    grpo = report(check_overrides(["stage=grpo", "model=qwen2.5-0.5b", "ppo.reward_fn=m:f"]))
+    assert "ppo.advantage=grpo: the policy alone is trained (estimate below), no value model; the frozen " in grpo
+    assert "reference adds about 0.92 GiB in 16-bit per device" in grpo  # 494.0M parameters x 2 bytes
+
+
 def test_a_model_of_ones_own_by_hub_id_is_sized_offline():
     text = report(check_overrides(["stage=sft", "model.name_or_path=HuggingFaceTB/SmolLM2-135M-Instruct"]))
     assert "model: HuggingFaceTB/SmolLM2-135M-Instruct: 134.5M parameters" in text

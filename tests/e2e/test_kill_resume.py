@@ -52,6 +52,18 @@ STAGES = {
         "ppo.ptx_coef=0.5",
         "ppo.ptx_data=demo_sft",
     ],
+    # Critic-free: no value model in the checkpoints; group advantages from 2 responses per prompt,
+    # the KL in the loss (the reference log-probs reach the update).
+    "grpo": [
+        "stage=grpo",
+        "ppo.reward_fn=tests.rewards:brevity",
+        "ppo.prompts_per_step=2",
+        "ppo.responses_per_prompt=2",
+        "ppo.max_new_tokens=12",
+        "ppo.epochs=2",
+        "ppo.mini_batches=2",
+        "train.batch_size=2",
+    ],
 }
 TIMEOUT = 600
 _TIMINGS = ("runtime", "per_second")  # the Trainer's eval/runtime, eval/samples_per_second, ...

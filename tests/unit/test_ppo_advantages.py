@@ -1,9 +1,10 @@
-"""GAE over response tokens only, written out step by step."""
+"""Advantage estimators, written out by hand: GAE over response tokens only, and the critic-free
+ones (GRPO, Dr. GRPO, RLOO, REINFORCE++) on a group of 4 with known rewards."""
 
 import pytest
 import torch
 
-from align.rl.advantages import gae, whiten_advantages
+from align.rl.advantages import critic_free_advantages, gae, group_advantages, uniform_groups, whiten_advantages
 
 GAMMA, LAM = 0.9, 0.8
 # A length-3 response r1 r2 r3: hand-computed backward recursion (V after r3 is 0).
@@ -63,3 +64,60 @@ def test_whitening_leaves_a_batch_with_nothing_to_train_on_alone():
     assert torch.equal(whiten_advantages(advantages, torch.zeros(2, 3)), advantages)
     one = torch.tensor([[0.0, 0.5, 0.0]])
     assert torch.equal(whiten_advantages(one, torch.tensor([[0, 1, 0]])), one)
+
+
+# Two prompts x 4 responses, prompt-major. Group 1 rewards 1, 0, 0, 1: mean 0.5, unbiased std
+# sqrt(1/3) = 0.57735. Group 2 all 2.0: no signal.
+SCORES = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+ALL = torch.ones(8, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    ("estimator", "group_one"),
+    [
+        ("grpo", [0.5 / 0.57735, -0.5 / 0.57735, -0.5 / 0.57735, 0.5 / 0.57735]),  # (r - mean) / std
+        ("dr_grpo", [0.5, -0.5, -0.5, 0.5]),  # r - mean
+        ("rloo", [1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3]),  # r - mean of the other three
+    ],
+)
+def test_group_estimators_on_a_group_of_4(estimator: str, group_one: list[float]) -> None:
+    got = group_advantages(SCORES, ALL, group_size=4, estimator=estimator)
+    torch.testing.assert_close(got, torch.tensor([*group_one, 0.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=1e-5)
+
+
+def test_an_unscored_response_is_out_of_its_groups_statistics_and_gets_no_advantage() -> None:
+    # Response 2 of group 1 unscored (its 0.0 is a placeholder): the group is 1, 0, 1 (mean 2/3).
+    valid = torch.tensor([True, False, True, True, True, True, True, True])
+    got = group_advantages(SCORES, valid, 4, "rloo")
+    torch.testing.assert_close(got[:4], torch.tensor([1 - 0.5, 0.0, 0 - 1.0, 1 - 0.5]))
+    # A group with a single scored response has no baseline: all zero.
+    lone = torch.tensor([True, False, False, False, *[True] * 4])
+    assert group_advantages(SCORES, lone, 4, "grpo")[:4].tolist() == [0.0] * 4
+
+
+def test_uniform_groups_are_the_ones_with_one_reward() -> None:
+    assert uniform_groups(SCORES, ALL, 4).tolist() == [False, True]
+    # Unscored responses do not count: 1, (unscored 0), 1, 1 is uniform.
+    valid = torch.tensor([True, False, True, True, *[True] * 4])
+    assert uniform_groups(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 2.0, 3.0]), valid, 4).tolist() == [True, False]
+
+
+def test_group_advantages_reach_every_token_of_their_response() -> None:
+    # Per-token rewards: a KL penalty on each token and the score at the last one; a response's
+    # group score is their sum. Row 0 sums to 1.0, row 1 to 0.0.
+    rewards = torch.tensor([[0.0, -0.1, 1.1], [-0.2, 0.2, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    scored = torch.ones(4, dtype=torch.bool)
+    got = critic_free_advantages("dr_grpo", rewards, mask, scored, group_size=4, gamma=1.0)
+    torch.testing.assert_close(got, torch.tensor([[0.0, 0.5, 0.5], [-0.5, -0.5, 0.0], [0.5, 0.5, 0.5], [-0.5] * 3]))
+
+
+def test_reinforce_pp_is_the_return_whitened_over_the_batch() -> None:
+    # Returns with gamma 1: row 0 [1.5, 1.0] (0.5 then 1.0), row 1 [-1.0, -1.0] (0 then -1).
+    rewards = torch.tensor([[0.5, 1.0, 9.0], [0.0, -1.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    got = critic_free_advantages("reinforce_pp", rewards, mask, torch.ones(2, dtype=torch.bool), 1, gamma=1.0)
+    returns = torch.tensor([1.5, 1.0, -1.0, -1.0])
+    expected = (returns - returns.mean()) / returns.std()
+    torch.testing.assert_close(got[:, :2].reshape(-1), expected, atol=1e-5, rtol=1e-5)
+    assert got[:, 2].tolist() == [0.0, 0.0]

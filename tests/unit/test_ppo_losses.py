@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from align.rl.losses import (
+    aggregate,
     entropy_from_logits,
     explained_variance,
     logprobs_from_logits,
@@ -124,3 +125,27 @@ def test_masked_positions_receive_zero_gradient() -> None:
     assert torch.isfinite(logits.grad).all() and torch.isfinite(values.grad).all()
     assert (logits.grad[pad] == 0).all() and (values.grad[pad] == 0).all()
     assert logits.grad[~pad].abs().sum() > 0 and values.grad[~pad].abs().sum() > 0
+
+
+def test_loss_aggregations_by_hand() -> None:
+    # Response 0 has 3 tokens (losses 1, 2, 3), response 1 has 1 token (loss 10); pads hold garbage.
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [10.0, float("inf"), float("nan")]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(16 / 4)
+    assert aggregate(per_token, mask, "seq_mean").item() == pytest.approx((2.0 + 10.0) / 2)
+    assert aggregate(per_token, mask, "token_sum", max_len=8).item() == pytest.approx(16 / (2 * 8))
+    with pytest.raises(ValueError, match="max_len"):
+        aggregate(per_token, mask, "token_sum")
+
+
+def test_clip_higher_lets_a_positive_advantage_ratio_rise_further() -> None:
+    # Ratio e^0.24 = 1.271 with advantage 1: clipped at 1.2 symmetric, not clipped at 1 + 0.28.
+    logp, old = torch.tensor([[0.24]]), torch.tensor([[0.0]])
+    adv, mask = torch.tensor([[1.0]]), torch.tensor([[1]])
+    symmetric, stats = policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    assert symmetric.item() == pytest.approx(-1.2) and stats["clipfrac"].item() == 1.0
+    higher, stats = policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    assert higher.item() == pytest.approx(-math.exp(0.24)) and stats["clipfrac"].item() == 0.0
+    # The low side is unchanged: ratio e^-0.24 = 0.787 with advantage -1 is clipped at 0.8.
+    low, _ = policy_loss(-logp, old, -adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    assert low.item() == pytest.approx(0.8)

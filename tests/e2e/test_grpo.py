@@ -1,0 +1,88 @@
+"""Critic-free online RL through `python -m align stage=grpo` (and `stage=ppo ppo.advantage=...`) on
+the tiny model: no value model is built, checkpointed or saved; every estimator and DAPO option
+runs; GRPO raises a rule-based reward. Estimator maths: tests/unit/test_ppo_advantages.py; exact
+resume: tests/e2e/test_kill_resume.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from align.cli import check_overrides
+from align.errors import ConfigError
+from align.stages.ppo import check_config
+from tests.conftest import read_log
+
+BREVITY = "ppo.reward_fn=tests.rewards:brevity"
+VALUE_KEYS = ("ppo/value_loss", "ppo/vf_clipfrac", "ppo/value_grad_norm", "ppo/explained_variance")
+
+
+def test_grpo_raises_the_reward_with_no_value_model(run_align, tmp_path):
+    out = tmp_path / "grpo"
+    run_align("stage=grpo", BREVITY, "train.max_steps=20", f"output_dir={out}")
+    assert "advantage: grpo [stage], no value model" in (out / "cli.log").read_text()
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, 21))
+    rewards = [r["ppo/reward_raw"] for r in log]
+    print(rewards)
+    start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert end > start + 0.1, (start, end)
+    for row in log:
+        assert not any(key in row for key in VALUE_KEYS), row
+        assert 0 <= row["ppo/uniform_groups"] <= 1 and math.isfinite(row["ppo/kl_loss"])
+    assert log[0]["ppo/policy_trained"] == 1.0  # no critic warm-up: the policy trains from step 1
+    checkpoint = out / "checkpoints" / "checkpoint-10"
+    assert (checkpoint / "policy").is_dir() and not (checkpoint / "value").exists()
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "final" / "value").exists()
+
+
+SMALL = ("train.max_steps=2", "ppo.prompts_per_step=2", "ppo.responses_per_prompt=4", "train.batch_size=4",
+         "ppo.mini_batches=2", "ppo.max_new_tokens=8", "ppo.sample_every=0")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("ppo.advantage=rloo", "ppo.skip_uniform_groups=true", "ppo.clip_eps_high=0.28"),
+        ("ppo.advantage=dr_grpo", "ppo.loss_agg=token_sum", "ppo.overlong_filter=true"),
+        ("ppo.advantage=reinforce_pp", "ppo.kl_in=reward", "ppo.loss_agg=token_mean"),
+    ],
+    ids=["rloo", "dr_grpo", "reinforce_pp"],
+)
+def test_each_critic_free_estimator_trains_the_policy_alone(run_align, tmp_path, options):
+    out = tmp_path / "run"
+    run_align("stage=grpo", BREVITY, *SMALL, *options, f"output_dir={out}")
+    log = read_log(out)
+    assert len(log) == 2
+    for row in log:
+        assert not any(key in row for key in VALUE_KEYS), row
+        assert math.isfinite(row["ppo/policy_loss"]) and math.isfinite(row["ppo/policy_grad_norm"])
+    assert ("ppo/kl_loss" in log[0]) == ("ppo.kl_in=reward" not in options)
+    assert not (out / "final" / "value").exists()
+
+
+def test_the_overlong_filter_leaves_cut_off_responses_out(run_align, tmp_path):
+    """The random tiny model never ends a response within 4 tokens: with the filter nothing is left
+    to train on, so the policy's loss and gradient are exactly zero."""
+    out = tmp_path / "run"
+    run_align("stage=grpo", BREVITY, *SMALL, "ppo.max_new_tokens=4", "ppo.overlong_filter=true", f"output_dir={out}")
+    for row in read_log(out):
+        assert row["ppo/eos_rate"] == 0.0
+        assert row["ppo/policy_loss"] == 0.0 and row["ppo/policy_grad_norm"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ppo.advantage=grpo", "ppo.responses_per_prompt=1"], "ppo.responses_per_prompt must be at least 2"),
+        (["ppo.advantage=ppo"], "ppo.advantage must be one of gae, grpo, dr_grpo, rloo, reinforce_pp"),
+        (["ppo.loss_agg=sum"], "ppo.loss_agg must be one of token_mean, seq_mean, token_sum"),
+        (["ppo.kl_in=both"], "ppo.kl_in must be one of reward, loss"),
+        (["ppo.clip_eps_high=0"], "ppo.clip_eps_high must be above 0"),
+    ],
+)
+def test_bad_critic_free_settings_fail_at_start_up(overrides, message):
+    config = check_overrides(["stage=grpo", "model=tiny", BREVITY, *overrides])
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)
