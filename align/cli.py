@@ -19,7 +19,16 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from align.config import CONF_DIR, REPO_ROOT, STAGES, AlignConfig, register_configs
+from align.config import (
+    CONF_DIR,
+    DPO_LOSS_TYPES,
+    DPO_SMOOTHED,
+    REPO_ROOT,
+    STAGES,
+    AlignConfig,
+    DPOConfig,
+    register_configs,
+)
 from align.errors import AlignError, ConfigError
 
 log = logging.getLogger("align")
@@ -77,7 +86,7 @@ def _is_plain_override(arg: str) -> bool:
 
 
 # Keys that name a checkpoint of the user's own, in the order the model is taken from.
-_CHECKPOINT_KEYS = ("model.name_or_path", "ppo.policy", "rm.init_from", "rm.path")
+_CHECKPOINT_KEYS = ("model.name_or_path", "ppo.policy", "dpo.policy", "rm.init_from", "rm.path")
 
 
 def _split(override: str) -> tuple[str, str | None]:
@@ -90,7 +99,7 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
 
     - `data=<path to a recipe .yaml>` is `data.recipe=<path>` (a `data=` option names a recipe of
       data_recipes/);
-    - a checkpoint of one's own (`model.name_or_path`, `ppo.policy`, `rm.init_from`, `rm.path`) with
+    - a checkpoint of one's own (`model.name_or_path`, `ppo.policy`, `dpo.policy`, `rm.init_from`, `rm.path`) with
       no `model=` choice selects `model=hf` at that path. The default `model=tiny` is the demo: it
       builds random weights and brings the demo's learning rates, which would silently destroy a
       pretrained model.
@@ -155,6 +164,23 @@ def validate(config: AlignConfig) -> None:
         )
     if config.train.max_steps == 0 or config.train.max_steps < -1:
         raise ConfigError("train.max_steps must be positive, or -1 to train for train.epochs")
+    check_dpo(config.dpo)
+
+
+def check_dpo(dpo: DPOConfig) -> None:
+    if dpo.loss_type not in DPO_LOSS_TYPES:
+        raise ConfigError(f"dpo.loss_type '{dpo.loss_type}' is not one of {', '.join(DPO_LOSS_TYPES)}")
+    if dpo.beta <= 0:
+        raise ConfigError(f"dpo.beta must be above 0, not {dpo.beta}")
+    if dpo.label_smoothing < 0 or (dpo.label_smoothing > 0 and dpo.loss_type not in DPO_SMOOTHED):
+        raise ConfigError(
+            f"dpo.label_smoothing={dpo.label_smoothing} needs a loss_type that reads it "
+            f"({', '.join(DPO_SMOOTHED)}); loss_type {dpo.loss_type} ignores it"
+        )
+    if dpo.loss_type == "robust" and dpo.label_smoothing >= 0.5:
+        raise ConfigError(f"dpo.label_smoothing must be below 0.5 (loss_type robust), not {dpo.label_smoothing}")
+    if dpo.loss_type == "exo_pair" and dpo.label_smoothing == 0:
+        raise ConfigError("loss_type exo_pair needs dpo.label_smoothing above 0 (EXO's epsilon, e.g. 1e-3)")
 
 
 def check_library_names(config: AlignConfig) -> None:

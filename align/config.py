@@ -231,6 +231,34 @@ class PPOConfig:
     """Leave responses cut off at max_new_tokens out of the update (DAPO's overlong filter)."""
 
 
+# The loss_type values of TRL 1.16's DPOConfig, and those of them that read label_smoothing
+# (its sigmoid loss does not: the conservative cDPO of older TRL versions is gone).
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+DPO_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    """Strength of the implicit KL to the reference (DPO's beta; IPO's tau with loss_type=ipo)."""
+    loss_type: str = "sigmoid"
+    """A TRL 1.16 DPO loss: 'sigmoid' (DPO), 'hinge' (SLiC), 'ipo', 'exo_pair', 'nca_pair',
+    'robust' (rDPO), 'bco_pair', 'sppo_hard', 'aot', 'aot_unpaired', 'apo_zero', 'apo_down',
+    'discopop', 'sft' (NLL of the chosen response only), 'sigmoid_norm' (DPO on per-token means)."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped preference labels, read only by loss_type robust (in [0, 0.5)),
+    exo_pair (EXO's epsilon, above 0, e.g. 1e-3), aot and aot_unpaired; other losses ignore it,
+    so a value above 0 with them fails at start-up."""
+    policy: str | None = None
+    """The policy to train (an SFT run's final/); unset: model.name_or_path. The reference is a
+    frozen copy of it (with peft=lora: the same weights with the adapter off)."""
+    precompute_ref_log_probs: bool = False
+    """Score every pair under the reference once before training, then train without a reference model."""
+
+
 @dataclass
 class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["sft", "rm", "ppo"])
@@ -241,6 +269,7 @@ class PipelineConfig:
     """Extra Hydra overrides for the SFT stage, e.g. [data=alpaca_sft, train.max_steps=2000]."""
     rm: list[str] = field(default_factory=list)
     ppo: list[str] = field(default_factory=list)
+    dpo: list[str] = field(default_factory=list)
     eval_prompts: str | None = None
     """Held-out prompt recipe on which the summary compares the SFT and PPO policies."""
     gold_fn: str | None = None
@@ -261,6 +290,7 @@ class AlignConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     output_dir: str = MISSING
     """Where the run writes config.yaml, metrics.json, log.jsonl, final/ and checkpoints/."""

@@ -216,6 +216,25 @@ def check_lora_targets(model_cfg: ModelConfig, peft_cfg: PeftConfig) -> None:
             )
 
 
+def lora_config(
+    cfg: PeftConfig, *, new_tokens: bool, task_type: str = "CAUSAL_LM", trained_in_full: tuple[str, ...] = ()
+) -> LoraConfig:
+    """The LoRA of `cfg`; `trained_in_full` modules (a reward head) train beside the adapters."""
+    modules_to_save = [*trained_in_full, *(m for m in cfg.modules_to_save if m not in trained_in_full)]
+    if new_tokens:
+        # A base model meeting ChatML tokens for the first time must learn their embeddings.
+        heads = ("embed_tokens", "lm_head") if task_type == "CAUSAL_LM" else ("embed_tokens",)
+        modules_to_save += [m for m in heads if m not in modules_to_save]
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        modules_to_save=modules_to_save or None,
+        task_type=task_type,
+    )
+
+
 def apply_lora(
     model: PreTrainedModel,
     cfg: PeftConfig,
@@ -224,20 +243,8 @@ def apply_lora(
     task_type: str = "CAUSAL_LM",
     trained_in_full: tuple[str, ...] = (),
 ) -> PeftModel:
-    """Wrap `model` in LoRA adapters; `trained_in_full` modules (a reward head) train beside them."""
-    modules_to_save = [*trained_in_full, *(m for m in cfg.modules_to_save if m not in trained_in_full)]
-    if new_tokens:
-        # A base model meeting ChatML tokens for the first time must learn their embeddings.
-        heads = ("embed_tokens", "lm_head") if task_type == "CAUSAL_LM" else ("embed_tokens",)
-        modules_to_save += [m for m in heads if m not in modules_to_save]
-    lora = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
-        modules_to_save=modules_to_save or None,
-        task_type=task_type,
-    )
+    """Wrap `model` in LoRA adapters (`lora_config`)."""
+    lora = lora_config(cfg, new_tokens=new_tokens, task_type=task_type, trained_in_full=trained_in_full)
     return get_peft_model(model, lora)
 
 

@@ -83,7 +83,8 @@ def report(config: AlignConfig) -> str:
     nodes, gpus = nodes_and_gpus(world)
     train = config.train
     lines = ["# resolved config", yaml.safe_dump(config_dict(config), sort_keys=False).rstrip(), ""]
-    lines.append(f"stage: {config.stage_name}")
+    preset = f" (the stage={config.stage_preset} preset)" if config.stage_preset else ""
+    lines.append(f"stage: {config.stage_name}{preset}")
     lines.append(f"world: {world} processes ({nodes} node(s) x {gpus})")
     if config.stage_name == "ppo":
         episodes = config.ppo.prompts_per_step * config.ppo.responses_per_prompt

@@ -1,4 +1,5 @@
-"""SFT -> RM -> PPO in one command, each stage's final/ feeding the next.
+"""SFT -> RM -> PPO in one command, each stage's final/ feeding the next (or SFT -> DPO:
+`pipeline.stages=[sft,dpo]`).
 
 Each stage runs in its own folder under output_dir with its own composed config: the command
 line's overrides apply to every stage, `pipeline.<stage>=[...]` to one. A stage whose folder
@@ -30,7 +31,7 @@ from align.run.summary import write_summary
 from align.run.tracking import Tracker, stable_run_id
 
 log = logging.getLogger("align.pipeline")
-KNOWN = ("sft", "rm", "ppo")
+KNOWN = ("sft", "rm", "ppo", "dpo")
 # Keys the pipeline sets for each stage itself; a command-line value for them means the pipeline's.
 _PIPELINE_KEYS = ("stage", "stage_name", "output_dir", "pipeline", "hydra", "data", "dry_run")
 
@@ -99,6 +100,8 @@ def wiring(stage: str, config: AlignConfig, outputs: dict[str, Path]) -> list[st
         if "rm" in outputs:
             wired.append(f"ppo.reward_model={outputs['rm'] / 'final'}")
         return wired
+    if stage == "dpo" and "sft" in outputs:
+        return [f"dpo.policy={outputs['sft'] / 'final'}"]
     return []
 
 
