@@ -175,3 +175,23 @@ def test_adaptive_kl_sees_the_kl_of_every_ranks_episodes(tmp_path, data_cache) -
     assert abs(calls[0][-1]["kl"]) > 1e-3  # the policy moved: the ranks' KLs were not all 0
     saved = json.loads((run.out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert saved["kl_ctl"]["value"] == calls[1][1]["coef"]  # rank 0's checkpoint resumes rank 1 as it was
+
+
+def test_grpo_zero3_two_ranks_trains_the_policy_alone(tmp_path, data_cache) -> None:
+    """Critic-free under ZeRO-3: one trained engine (the policy) and the sharded reference; groups of 2
+    responses per prompt on each rank, the KL in the loss; final/ holds the whole policy, no value."""
+    args = ("stage=grpo", *TINY_PPO[1:], "ppo.value_warmup_steps=0", *TWO_MICRO_BATCHES, "deepspeed=zero3")
+    run = launch(tmp_path / "grpo", data_cache, *args, probe=None)
+    rows = {r["step"]: r for r in read_log(run.out)}
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    for row in rows.values():
+        assert all(math.isfinite(row[k]) for k in ("ppo/reward_raw", "ppo/kl", "ppo/policy_loss", "ppo/kl_loss")), row
+        assert "ppo/value_loss" not in row and 0 <= row["ppo/uniform_groups"] <= 1
+    checkpoint = run.out / "checkpoints" / "checkpoint-2"
+    assert {p.name for p in (checkpoint / "policy" / "deepspeed").iterdir()} == {
+        f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(N_RANKS) for kind in ("model", "optim")
+    }
+    assert not (checkpoint / "value").exists() and not (run.out / "final" / "value").exists()
+    policy, info = AutoModelForCausalLM.from_pretrained(run.out / "final", output_loading_info=True)
+    assert not any(info.values()), info
+    assert sum(p.numel() for p in policy.parameters()) == TINY_PARAMETERS

@@ -262,6 +262,20 @@ def test_rm_two_ranks_in_bf16_saves_a_reloadable_fp32_final(tmp_path, data_cache
     check_fp32_masters_saved(run.out / "final")
 
 
+def test_dpo_zero3_two_ranks_saves_a_reloadable_final(tmp_path, data_cache) -> None:
+    """DPO's policy sharded and its reference loaded again into shards (ZeRO-3 shards cannot be copied)."""
+    run = launch(tmp_path / "dpo", data_cache, "stage=dpo", "deepspeed=zero3", *TINY, "train.precision=bf16")
+    rows = run.step_rows()
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    assert all(math.isfinite(row["train/loss"]) for row in rows.values())
+    assert rows[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy = reference at step 1
+    metrics = json.loads((run.out / "metrics.json").read_text())
+    assert 0 <= metrics["eval/rewards/accuracies"] <= 1 and math.isfinite(metrics["eval/loss"]), metrics
+    check_sharded_checkpoints(run, [2], 3, optimizer_prefix="bf16_")
+    check_trained_final(run, AutoModelForCausalLM)
+    check_fp32_masters_saved(run.out / "final")
+
+
 # --- ZeRO-3 on 2 ranks is the same training as 1 process -------------------------------------------
 
 
