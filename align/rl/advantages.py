@@ -1,4 +1,6 @@
-"""Generalised advantage estimation (Schulman et al. 2016) over the response tokens only."""
+"""Advantages over the response tokens only: generalised advantage estimation with a value model
+(Schulman et al. 2016), and the critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++) that
+baseline a response's reward with the other responses to its prompt or with the batch."""
 
 from __future__ import annotations
 

@@ -216,7 +216,7 @@ STAGE_CASES = {
     "tiny with a path of one's own": ("ConfigError", "model=tiny is the embedded demo model",
                                       [SFT, "model=tiny", "model.name_or_path={bad}/wide"]),
     "rm_eval on a missing model": ("ModelError", "rm.path '{bad}/nowhere'", ["stage=rm_eval", "rm.path={bad}/nowhere"]),
-    "pipeline with an unknown stage": ("ConfigError", "pipeline.stages", ["stage=pipeline", "pipeline.stages=[dpo]"]),
+    "pipeline with an unknown stage": ("ConfigError", "pipeline.stages", ["stage=pipeline", "pipeline.stages=[rlhf]"]),
 }  # fmt: skip
 
 

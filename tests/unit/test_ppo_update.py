@@ -73,7 +73,7 @@ def test_update_reusing_the_scoring_forward_equals_a_fresh_forward(packed):
     advantages, returns = torch.randn(2, *rollout.response_mask.shape)
 
     rows = make_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len, packed=packed)
-    args = (advantages, returns, True, None)
+    args = (None, 0.0, advantages, returns, True, None)  # KL in the reward: no reference in the update
 
     p, v = trained["reused"]
     first = score_forward(p, v, rows, 1.0, config, train=True)
@@ -145,7 +145,21 @@ def test_the_ptx_loss_alone_trains_the_policy():
             old_logp, _ = response_logprobs(trained_p, rows, 1.0)
             old_values = trained_v(rows)
         stats[name] = update(
-            config, trained_p, trained_v, rollout, old_logp, old_values, zeros, zeros, True, ptx, None, _finite, False
+            config,
+            trained_p,
+            trained_v,
+            rollout,
+            old_logp,
+            old_values,
+            None,
+            0.0,
+            zeros,
+            zeros,
+            True,
+            ptx,
+            None,
+            _finite,
+            False,
         )
         moved[name] = max((a - b).abs().max().item() for a, b in zip(p.parameters(), policy.parameters(), strict=True))
     assert moved["none"] == 0.0 and stats["none"]["ppo/policy_grad_norm"] == 0.0
