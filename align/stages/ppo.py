@@ -112,6 +112,7 @@ def run(config: AlignConfig) -> dict[str, float]:
     # The four roles, on one process, data parallel or DeepSpeed ZeRO (models load into shards under
     # ZeRO-3). Dropout off everywhere: rollout and update must agree on log-probs.
     precision = models.resolve_precision(config.train.precision)
+    sampling = models.sampling_precision(precision, accelerator.device)
     placement = Placement(accelerator, ds_config, precision)
 
     def load_policy():
@@ -175,7 +176,7 @@ def run(config: AlignConfig) -> dict[str, float]:
         prompt_ids = [row["prompt_input_ids"] for row in batch for _ in range(ppo.responses_per_prompt)]
 
         # 1. Rollout (under ZeRO-3 the policy is gathered once for the whole batch).
-        with policy.for_generation() as whole_policy, models.autocast(precision, accelerator.device):
+        with policy.for_generation() as whole_policy, models.autocast(sampling, accelerator.device):
             rollout = sample(
                 whole_policy,
                 prompt_ids,

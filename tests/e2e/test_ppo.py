@@ -29,17 +29,17 @@ def _mean(rows, key):
 
 @pytest.fixture(scope="module")
 def brevity_runs(tmp_path_factory, data_cache):
-    """20 PPO steps on the brevity reward from the random tiny model, by precision, run once each."""
+    """PPO steps on the brevity reward from the random tiny model, by precision, run once each."""
     runs: dict[str, Path] = {}
 
-    def run(precision: str) -> Path:
+    def run(precision: str, steps: int) -> Path:
         if precision not in runs:
             out = tmp_path_factory.mktemp(f"ppo-{precision}")
             align_runner(data_cache)(
                 "stage=ppo",
                 BREVITY,
                 "ppo.monitor_fn=align.tasks.sorting:gold_reward",
-                "train.max_steps=20",
+                f"train.max_steps={steps}",
                 "ppo.kl_coef=0.01",
                 "ppo.sample_every=5",
                 f"train.precision={precision}",
@@ -51,22 +51,27 @@ def brevity_runs(tmp_path_factory, data_cache):
     return run
 
 
+BF16_STEPS = 14  # bf16 is emulated on a CPU without AMX (~2x an fp32 run): as few steps as show learning
+
+
 def test_ppo_in_bf16_learns_as_fp32_does_from_the_same_seed(brevity_runs):
-    """Measured: mean reward of the first 5 steps 0.046 in both, of the last 5 0.666 (fp32) and 0.674
-    (bf16); per step the two agree to 0.04, the same responses sampled until the policy has moved."""
-    fp32, bf16 = (read_log(brevity_runs(p)) for p in ("fp32", "bf16"))
+    """Measured over 14 steps: mean reward of the first 5 steps 0.046 in both, of steps 10-14 0.22
+    (bf16) and 0.22 (fp32); per step the two agree to 0.04, the same responses sampled until the
+    policy has moved (sampling is fp32 on a CPU either way)."""
+    fp32 = read_log(brevity_runs("fp32", 20))[:BF16_STEPS]
+    bf16 = read_log(brevity_runs("bf16", BF16_STEPS))
     rewards = {name: [r["ppo/reward_raw"] for r in log] for name, log in (("fp32", fp32), ("bf16", bf16))}
     print(rewards)
-    assert len(rewards["bf16"]) == 20
+    assert len(rewards["bf16"]) == BF16_STEPS
     assert rewards["bf16"][0] == rewards["fp32"][0]  # step 1 samples from the same fp32 weights
-    assert sum(rewards["bf16"][-5:]) / 5 > sum(rewards["bf16"][:5]) / 5 + 0.25
+    assert sum(rewards["bf16"][-5:]) / 5 > sum(rewards["bf16"][:5]) / 5 + 0.1
     assert all(abs(a - b) < 0.15 for a, b in zip(rewards["bf16"], rewards["fp32"], strict=True))
     assert [r["ppo/value_loss"] for r in bf16] != [r["ppo/value_loss"] for r in fp32]  # bf16 really ran
 
 
 def test_ppo_raises_the_reward_and_logs_everything(brevity_runs):
     # From the random tiny model: the brevity reward is learnable without SFT (0.05 -> 0.6 measured).
-    out = brevity_runs("fp32")
+    out = brevity_runs("fp32", 20)
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 21))
     start, end = _mean(log[:5], "ppo/reward_raw"), _mean(log[-5:], "ppo/reward_raw")
