@@ -39,39 +39,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from itertools import pairwise
 from pathlib import Path
-from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `align` from this checkout, as `python -m align` finds it
+from bench._timing import SIZES, SPLIT, run_stamped, summarize  # noqa: E402
+
 TRL_VENV = ROOT / "bench" / ".venv-trl024"
 TRL_REQUIREMENTS = ["torch==2.13.0", "trl==0.24.0", "transformers==4.57.6"]
 TRL_SCRIPT = ROOT / "bench" / "_trl024_ppo.py"
 
 BATCH = 8  # prompts per step = TRL per_device_train_batch_size; 1 response each
 RESPONSE_LENGTH = 32
-SIZES = {
-    # 123,168 parameters (untied embeddings): the size of TRL's tiny test models.
-    "125k": dict(
-        hidden_size=32,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    ),
-    # 19.6M parameters.
-    "20m": dict(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        tie_word_embeddings=True,
-    ),
-}
-SPLIT = ("time/generate", "time/score", "time/update")
 
 
 def ensure_trl_venv() -> Path:
@@ -135,65 +114,6 @@ def write_prompts(work: Path, policy_dir: Path) -> Path:
     return path
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def run_stamped(cmd: list[str], lines_file: Path, log_file: Path, env: dict[str, str]) -> list[dict]:
-    """Run `cmd`, stamping each JSON line it appends to `lines_file` with wall and CPU time."""
-    rows: list[dict] = []
-    lines_file.unlink(missing_ok=True)  # a kept --workdir holds the last run's lines
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        buffer, offset = "", 0
-        while True:
-            finished = proc.poll() is not None
-            if lines_file.exists():
-                with lines_file.open() as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                    offset = f.tell()
-                if chunk:
-                    now = time.perf_counter()
-                    try:
-                        cpu = cpu_seconds(proc.pid)
-                    except (OSError, IndexError):
-                        cpu = float("nan")
-                    buffer += chunk
-                    *complete, buffer = buffer.split("\n")
-                    for line in complete:
-                        if line.strip():
-                            rows.append({**json.loads(line), "_wall": now, "_cpu": cpu})
-            if finished:
-                break
-            time.sleep(0.002)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); see {log_file}")
-    return rows
-
-
-def summarize(rows: list[dict], warmup: int, steps: int) -> dict[str, float]:
-    """Per-step medians over the timed window: a step slowed by another process on the machine
-    moves neither side's number (the mean over the window is kept as `eps_mean`)."""
-    start, window = rows[warmup - 1], rows[warmup : warmup + steps]
-    if len(window) < steps:
-        raise SystemExit(f"only {len(rows)} steps logged, {warmup + steps} needed")
-    walls = [b["_wall"] - a["_wall"] for a, b in pairwise([start, *window])]
-    cpus = [b["_cpu"] - a["_cpu"] for a, b in pairwise([start, *window])]
-    step = median(walls)
-    out = {
-        "eps": BATCH / step,
-        "eps_cpu": BATCH / median(cpus),
-        "eps_mean": BATCH * steps / sum(walls),
-        "step_s": step,
-    }
-    for key in SPLIT:
-        out[key] = median(r[key] for r in window)
-    out["other"] = median(w - sum(r[k] for k in SPLIT) for w, r in zip(walls, window, strict=True))
-    return out
-
-
 def run_trl(python: Path, dirs: dict, prompts: Path, work: Path, total: int, precision: str, env: dict) -> list[dict]:
     lines = work / "trl_steps.jsonl"
     cmd = [
@@ -209,7 +129,7 @@ def run_trl(python: Path, dirs: dict, prompts: Path, work: Path, total: int, pre
         "--out", str(lines),
         "--precision", precision,
     ]  # fmt: skip
-    return run_stamped(cmd, lines, work / "trl.log", env)
+    return run_stamped(cmd, lines, work / "trl.log", env)[0]
 
 
 def run_ours(dirs: dict, work: Path, total: int, precision: str, env: dict) -> list[dict]:
@@ -239,7 +159,7 @@ def run_ours(dirs: dict, work: Path, total: int, precision: str, env: dict) -> l
         f"output_dir={out}",
         "resume=never",
     ]  # fmt: skip
-    return run_stamped(cmd, out / "log.jsonl", work / "align.log", env)
+    return run_stamped(cmd, out / "log.jsonl", work / "align.log", env)[0]
 
 
 def main() -> None:
@@ -291,7 +211,7 @@ def main() -> None:
                         if side == "trl"
                         else run_ours(dirs[size], side_dir, total, precision, env)
                     )
-                    result = summarize(rows, args.warmup, args.steps)
+                    result = summarize(rows, args.warmup, args.steps, BATCH)
                     if side == "align":
                         result["ratio_first_epoch"] = rows[-1].get("ppo/ratio", float("nan"))
                     rounds.setdefault((size, precision, side), []).append(result)
