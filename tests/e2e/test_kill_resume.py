@@ -36,8 +36,8 @@ COMMON = ["model=tiny", f"train.max_steps={STEPS}", "train.save_steps=2", "train
 STAGES = {
     # SFT in bf16 (autocast over fp32 weights; emulated where the CPU has no bf16): resume is exact in
     # mixed precision too. RM and PPO in the machine's own precision (fp32 on a CPU without bf16).
-    "sft": ["stage=sft", "train.eval_steps=0", "train.precision=bf16"],
-    "rm": ["stage=rm", "train.eval_steps=0"],
+    "sft": ["stage=sft", "train.eval_steps=0", "train.precision=bf16", "train.batch_size=4"],
+    "rm": ["stage=rm", "train.eval_steps=0", "train.batch_size=4"],
     "ppo": [
         "stage=ppo",
         "ppo.reward_fn=align.tasks.sorting:gold_reward",

@@ -9,12 +9,12 @@ from tests.conftest import REPO, read_log, read_metrics
 from tests.wandb_files import artifacts, offline_run, run_info, summary, table_rows
 
 SHORT = [
-    "train.max_steps=20",
-    "train.save_steps=10",
+    "train.max_steps=10",
+    "train.save_steps=5",
     "logger=wandb",  # offline (conftest sets WANDB_MODE): the W&B files are checked below
     "pipeline.eval_max_new_tokens=12",
-    "pipeline.ppo=['ppo.monitor_fn=align.tasks.sorting:gold_reward','train.max_steps=6','ppo.value_warmup_steps=2',"
-    "'ppo.sample_every=3']",
+    "pipeline.ppo=['ppo.monitor_fn=align.tasks.sorting:gold_reward','train.max_steps=4','ppo.value_warmup_steps=1',"
+    "'ppo.sample_every=2']",
 ]
 SUMMARY_ROWS = (
     "SFT eval loss",
@@ -103,12 +103,12 @@ def _check_wandb(out):
     sft_weights = {e.ref for e in rm_manifest.manifest.contents if e.path.startswith("parents/init/")}
     assert (out / "sft" / "final" / "model.safetensors").resolve().as_uri() in sft_weights
 
-    # Sample tables hold the same rows as samples.jsonl: the RM's held-out examples, PPO's every 3 steps.
+    # Sample tables hold the same rows as samples.jsonl: the RM's held-out examples, PPO's every 2 steps.
     ((rm_step, rm_rows),) = table_rows(runs["rm"], "eval/examples")
     assert rm_step == read_metrics(out / "rm")["train/steps"] and rm_rows and set(rm_rows[0]) == set(EXAMPLE_COLUMNS)
     assert rm_rows == _samples(out / "rm", "eval/examples", rm_step)
     ppo_tables = table_rows(runs["ppo"], "ppo/samples")
-    assert [step for step, _ in ppo_tables] == [3, 6]
+    assert [step for step, _ in ppo_tables] == [2, 4]
     for step, rows in ppo_tables:
         assert rows == _samples(out / "ppo", "ppo/samples", step)
         # A response may be empty (the tiny policy can end at once); the prompt and its reward are always there.

@@ -111,7 +111,7 @@ def test_bf16_losses_track_fp32_from_the_same_seed(run_align, tmp_path, stage):
         out = tmp_path / precision
         run_align(f"stage={stage}", "model=tiny", f"train.precision={precision}", "train.max_steps=4",
                   "train.logging_steps=1", "train.eval_steps=0", "train.lr_scheduler=constant",
-                  "train.warmup_steps=0", "train.dropout=0", f"output_dir={out}")  # fmt: skip
+                  "train.warmup_steps=0", "train.dropout=0", "train.batch_size=8", f"output_dir={out}")  # fmt: skip
         losses[precision] = [row["train/loss"] for row in read_log(out) if "train/loss" in row]
     print(stage, losses)
     assert len(losses["bf16"]) == 4 and losses["bf16"] != losses["fp32"]  # bf16 really ran
