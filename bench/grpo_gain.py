@@ -50,7 +50,7 @@ def run_align(*overrides: str) -> None:
 
 
 def run_seed(seed: int, out: Path, reward: str, grpo_overrides: list[str]) -> dict:
-    started, cpu_before = time.perf_counter(), _children_cpu_seconds()
+    started, cpu_before = time.perf_counter(), children_cpu_seconds()
     run_align("stage=pipeline", "pipeline.stages=[sft]", f"seed={seed}", f"output_dir={out}")
     sft_s = time.perf_counter() - started
     t0 = time.perf_counter()
@@ -98,11 +98,11 @@ def run_seed(seed: int, out: Path, reward: str, grpo_overrides: list[str]) -> di
         "grpo_s": grpo_s,
         "eval_s": eval_s,
         "minutes": (time.perf_counter() - started) / 60,
-        "cpu_minutes": (_children_cpu_seconds() - cpu_before) / 60,
+        "cpu_minutes": (children_cpu_seconds() - cpu_before) / 60,
     }
 
 
-def _children_cpu_seconds() -> float:
+def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
@@ -126,17 +126,23 @@ def main() -> None:
     print(" | ".join(f"{c:>12}" for c in cols))
     for row in rows:
         print(" | ".join(f"{row[c]:>12.3f}" if isinstance(row[c], float) else f"{row[c]:>12}" for c in cols))
-    for key, name in (("gain", "gold"), ("exact", "exact-match")):
-        gains = [r["gain"] for r in rows] if key == "gain" else [r["exact_grpo"] - r["exact_sft"] for r in rows]
+    report_gains(rows, "GRPO", "grpo")
+    (args.out / "gain.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def report_gains(rows: list[dict], name: str, key: str) -> None:
+    """Gold and exact-match gains over the SFT policy per seed, and whether each is shown (mean above
+    three times the seed-to-seed std, every seed gaining)."""
+    for metric, label in (("gold", "gold"), ("exact", "exact-match")):
+        gains = [r[f"{metric}_{key}"] - r[f"{metric}_sft"] for r in rows]
         mean = statistics.mean(gains)
         spread = statistics.stdev(gains) if len(gains) > 1 else float("nan")
         shown = len(gains) > 1 and mean > 3 * spread and all(g > 0 for g in gains)
         print(
-            f"{name} gain of GRPO over its SFT policy (held-out): per seed {', '.join(f'{g:+.3f}' for g in gains)}; "
+            f"{label} gain of {name} over its SFT policy (held-out): per seed {', '.join(f'{g:+.3f}' for g in gains)}; "
             f"mean {mean:+.3f}, seed-to-seed std {spread:.3f}, 3 x std {3 * spread:.3f}; "
             f"mean > 3 x std and every seed gains: {shown}"
         )
-    (args.out / "gain.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The pipeline's report: does alignment work? A table on the terminal and in summary.md, plots.
 
-On held-out prompts it samples from the SFT policy and the PPO policy alike and compares the
-learned reward (the proxy PPO optimised), the task's gold score when one is configured, and the
-PPO policy's KL to the SFT policy (its reference). Plots come from the stages' log.jsonl.
+On held-out prompts it samples from the SFT policy and the tuned policy (PPO's, or DPO's in
+`pipeline.stages=[sft,dpo]`) alike and compares the learned reward (the proxy PPO optimised) when
+the pipeline trained a reward model, the task's gold score when one is configured, and the tuned
+policy's KL to the SFT policy (its reference). Plots come from the stages' log.jsonl.
 """
 
 from __future__ import annotations
@@ -27,19 +28,33 @@ from align.rl.rollout import rollout_episodes, sample
 log = logging.getLogger("align.run.summary")
 
 
+TUNED_STAGES = ("ppo", "dpo")
+"""The stages whose policy the held-out evaluation compares with the SFT policy."""
+
+
+def tuned_stage(outputs: dict[str, Path]) -> str | None:
+    """The last policy-tuning stage of the pipeline, if it has one."""
+    return next((stage for stage in reversed(outputs) if stage in TUNED_STAGES), None)
+
+
 def write_summary(config: AlignConfig, out: Path, outputs: dict[str, Path]) -> str:
     rows: list[tuple[str, str]] = []
-    sft, rm, ppo = (_metrics(outputs.get(s)) for s in ("sft", "rm", "ppo"))
+    sft, rm, ppo, dpo = (_metrics(outputs.get(s)) for s in ("sft", "rm", "ppo", "dpo"))
     if sft:
         rows.append(("SFT eval loss", _fmt(sft.get("eval/loss"))))
     if rm:
         rows.append(("RM held-out accuracy", _fmt(rm.get("eval/accuracy"))))
-    if "ppo" in outputs and config.pipeline.eval_prompts:
-        evaluation = held_out_evaluation(config, out, outputs)
-        rows.append(("PPO proxy reward, SFT -> PPO policy (held-out)", _arrow(evaluation, "proxy")))
+    if dpo:
+        rows.append(("DPO held-out preference accuracy", _fmt(dpo.get("eval/rewards/accuracies"))))
+    tuned = tuned_stage(outputs)
+    if tuned and config.pipeline.eval_prompts:
+        evaluation = held_out_evaluation(config, out, outputs, tuned)
+        name = tuned.upper()
+        if "rm" in outputs:
+            rows.append((f"{name} proxy reward, SFT -> {name} policy (held-out)", _arrow(evaluation, "proxy", tuned)))
         if config.pipeline.gold_fn:
-            rows.append(("Gold score, SFT -> PPO policy (held-out)", _arrow(evaluation, "gold")))
-        rows.append(("KL(PPO policy || reference), held-out", _fmt(evaluation.get("kl"))))
+            rows.append((f"Gold score, SFT -> {name} policy (held-out)", _arrow(evaluation, "gold", tuned)))
+        rows.append((f"KL({name} policy || reference), held-out", _fmt(evaluation.get("kl"))))
     if ppo:
         rows.append(
             (
@@ -58,10 +73,10 @@ def write_summary(config: AlignConfig, out: Path, outputs: dict[str, Path]) -> s
     return table
 
 
-def held_out_evaluation(config: AlignConfig, out: Path, outputs: dict[str, Path]) -> dict[str, float]:
+def held_out_evaluation(config: AlignConfig, out: Path, outputs: dict[str, Path], tuned: str) -> dict[str, float]:
     """`evaluate_policies`, or eval.json when it was computed from the same stage outputs, prompts
     and settings: rerunning a complete pipeline reports again without sampling again."""
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(outputs["ppo"] / "final")))
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(outputs[tuned] / "final")))
     prompts = load_recipe_data(config.pipeline.eval_prompts, "prompt", tokenizer, seed=0)
     inputs = _evaluation_inputs(config, outputs, prompts.fingerprint)
     path = out / "eval.json"
@@ -70,7 +85,7 @@ def held_out_evaluation(config: AlignConfig, out: Path, outputs: dict[str, Path]
         if saved.pop("inputs_sha256", None) == inputs:
             log.info("held-out evaluation: stages, prompts and settings unchanged; read from %s", path)
             return saved
-    evaluation = evaluate_policies(config, outputs, tokenizer, prompts.train)
+    evaluation = evaluate_policies(config, outputs, tuned, tokenizer, prompts.train)
     path.write_text(json.dumps({**evaluation, "inputs_sha256": inputs}, indent=2) + "\n")
     return evaluation
 
@@ -86,12 +101,15 @@ def _evaluation_inputs(config: AlignConfig, outputs: dict[str, Path], prompts_fi
     return digest.hexdigest()
 
 
-def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, prompts) -> dict[str, float]:
-    """Sample once per held-out prompt from each policy with the same seed and settings."""
+def evaluate_policies(
+    config: AlignConfig, outputs: dict[str, Path], tuned: str, tokenizer, prompts
+) -> dict[str, float]:
+    """Sample once per held-out prompt from the SFT policy and the `tuned` stage's with the same seed
+    and settings."""
     from align.modeling.reward_model import episode_rewards, load_reward_model, own_tokenizer
 
     sft_dir = outputs["sft"] / "final" if "sft" in outputs else None
-    ppo_dir = outputs["ppo"] / "final"
+    tuned_dir = outputs[tuned] / "final"
     prompt_rows = list(prompts)
     ids = [row["prompt_input_ids"] for row in prompt_rows]
     reward_model = load_reward_model(str(outputs["rm"] / "final")).eval() if "rm" in outputs else None
@@ -101,7 +119,7 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
         gold.check_columns(other_column_names(prompts), f"pipeline.eval_prompts={config.pipeline.eval_prompts}")
 
     result: dict[str, float] = {"prompts": len(ids)}
-    policies = {"sft": sft_dir, "ppo": ppo_dir} if sft_dir else {"ppo": ppo_dir}
+    policies = {"sft": sft_dir, tuned: tuned_dir} if sft_dir else {tuned: tuned_dir}
     rollouts = {}
     for name, path in policies.items():
         model = load_causal_lm(ModelConfig(name_or_path=str(path)), tokenizer).eval()
@@ -127,12 +145,12 @@ def evaluate_policies(config: AlignConfig, outputs: dict[str, Path], tokenizer, 
         if gold is not None:
             result[f"gold_{name}"] = gold.mean(episodes)
     if "sft" in rollouts:
-        (ppo_model, rollout), (sft_model, _) = rollouts["ppo"], rollouts["sft"]
+        (tuned_model, rollout), (sft_model, _) = rollouts[tuned], rollouts["sft"]
         with torch.no_grad():
             rows = PaddedRows(rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-            logp = response_logprobs(ppo_model, rows, config.ppo.temperature)[0]
+            logp = response_logprobs(tuned_model, rows, config.ppo.temperature)[0]
             ref = response_logprobs(sft_model, rows, config.ppo.temperature)[0]
-        # Per-sequence k1 KL on the PPO policy's own samples, as during training.
+        # Per-sequence k1 KL on the tuned policy's own samples, as during PPO training.
         result["kl"] = ((logp - ref) * rollout.response_mask).sum(-1).mean().item()
     return result
 
@@ -192,5 +210,5 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _arrow(evaluation: dict, key: str) -> str:
-    return f"{_fmt(evaluation.get(f'{key}_sft'))} -> {_fmt(evaluation.get(f'{key}_ppo'))}"
+def _arrow(evaluation: dict, key: str, tuned: str) -> str:
+    return f"{_fmt(evaluation.get(f'{key}_sft'))} -> {_fmt(evaluation.get(f'{key}_{tuned}'))}"

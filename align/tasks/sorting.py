@@ -4,8 +4,9 @@ It is the demo the default job trains on: small enough to learn on a CPU, and sc
 so each stage's effect (SFT, reward model, PPO) is measured against the truth instead of a
 learned proxy. `python -m align.tasks.sorting` regenerates the demo files in data_recipes/demo/.
 
-Prompt: ``Sort: 4 7 1`` (3 to 6 integers in 0..9, several phrasings). Answer: ``1 4 7``, the
-numbers only; prose around them ("Sure! 1, 4, 7") makes the answer unparsable and scores 0.
+Prompt: ``Sort: 4 7 1`` (3 to 6 integers in 0..9, several phrasings; the prompt files carry the
+exact answer as an ``answer`` column). Answer: ``1 4 7``, the numbers only; prose around them
+("Sure! 1, 4, 7") makes the answer unparsable and scores 0.
 
 The demonstrations are of mixed quality, as from many annotators: 30% are chatty (the right
 kind of answer wrapped in prose) and 20% hold a mistake a small model makes (a swap, a dropped,
@@ -160,6 +161,13 @@ def _unseen_numbers(rng: random.Random, seen: set[tuple[int, ...]]) -> list[int]
             return numbers
 
 
+def _prompt_row(rng: random.Random, seen: set[tuple[int, ...]]) -> dict:
+    # The exact answer rides along, as a math dataset's does: a verifiable reward reads it
+    # (align.rl.verifiable:exact_match); the gold score needs only the prompt.
+    numbers = _unseen_numbers(rng, seen)
+    return {"prompt": _prompt(rng, numbers), "answer": " ".join(map(str, sorted(numbers)))}
+
+
 def make_demo_data(out_dir: str | Path = DEMO_DIR, seed: int = 0) -> dict[str, int]:
     """Write sft.jsonl, prefs.jsonl, prompts.jsonl and prompts_eval.jsonl; return rows per file."""
     out = Path(out_dir)
@@ -169,8 +177,8 @@ def make_demo_data(out_dir: str | Path = DEMO_DIR, seed: int = 0) -> dict[str, i
     files = {
         "sft.jsonl": [_sft_row(rng, seen) for _ in range(NUM_SFT)],
         "prefs.jsonl": [_pref_row(rng, seen) for _ in range(NUM_PREFS)],
-        "prompts.jsonl": [{"prompt": _prompt(rng, _unseen_numbers(rng, seen))} for _ in range(NUM_PROMPTS)],
-        "prompts_eval.jsonl": [{"prompt": _prompt(rng, _unseen_numbers(rng, seen))} for _ in range(NUM_EVAL_PROMPTS)],
+        "prompts.jsonl": [_prompt_row(rng, seen) for _ in range(NUM_PROMPTS)],
+        "prompts_eval.jsonl": [_prompt_row(rng, seen) for _ in range(NUM_EVAL_PROMPTS)],
     }
     for name, rows in files.items():
         with open(out / name, "w", encoding="utf-8") as f:

@@ -140,6 +140,9 @@ NOT_RUN = {
     ),
     "OMP_NUM_THREADS=1 .venv/bin/python bench/grpo_gain.py --out runs/bench-grpo-lr1e-4 train.max_steps=30 "
     "train.lr=1e-4": "three SFT + GRPO runs, 10-15 min on 2 cores",
+    "OMP_NUM_THREADS=1 .venv/bin/python bench/grpo_gain.py --out runs/bench-grpo-exact "
+    "--reward align.rl.verifiable:exact_match train.max_steps=50": "three SFT + GRPO runs, 10-15 min on 2 cores",
+    "OMP_NUM_THREADS=1 .venv/bin/python bench/dpo_gain.py --seeds 0 1 2": "three SFT + DPO runs, ~15 min on 2 cores",
 }
 
 SUBMIT_SETUP = (

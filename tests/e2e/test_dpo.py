@@ -28,7 +28,9 @@ from tests.e2e.test_errors import assert_one_line_error
 
 TINY = ModelConfig(name_or_path=str(REPO / "align" / "assets" / "tiny"), init="random")
 EVAL_PAIRS = 20  # batches of 8, 8 and 4
-COMMON = ["stage=dpo", "model=tiny", "train.precision=fp32", "train.batch_size=8", "train.warmup_steps=0"]
+# lr 1e-4 (10x dpo_tiny's, which is for an SFT policy): 8 steps from the random init learn the pairs.
+COMMON = ["stage=dpo", "model=tiny", "train.precision=fp32", "train.batch_size=8", "train.warmup_steps=0",
+          "train.lr=1e-4"]  # fmt: skip
 REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
@@ -179,7 +181,7 @@ def test_preempted_run_resumes_to_the_uninterrupted_weights(run_align, prefs, tm
 def test_pipeline_sft_then_dpo_from_the_sft_policy(run_align, tmp_path):
     out = tmp_path / "pipe"
     run_align("pipeline.stages=[sft,dpo]", "train.max_steps=2", "train.eval_steps=0", "train.save_steps=100",
-              f"output_dir={out}")  # fmt: skip
+              "pipeline.eval_max_new_tokens=8", f"output_dir={out}")  # fmt: skip
     for stage in ("sft", "dpo"):
         assert (out / stage / "manifest.json").is_file(), stage
     assert not (out / "rm").exists() and not (out / "ppo").exists()
@@ -195,4 +197,11 @@ def test_pipeline_sft_then_dpo_from_the_sft_policy(run_align, tmp_path):
     assert start in plan
     metrics = read_metrics(out)
     assert metrics["dpo/train/steps"] == 2 and math.isfinite(metrics["dpo/eval/rewards/accuracies"])
-    assert "| Wall time, dpo |" in (out / "summary.md").read_text()
+    # The held-out evaluation compares the DPO policy with the SFT policy, as the default job's does PPO's.
+    summary = (out / "summary.md").read_text()
+    for row in ("DPO held-out preference accuracy", "Gold score, SFT -> DPO policy (held-out)",
+                "KL(DPO policy || reference), held-out", "Wall time, dpo"):  # fmt: skip
+        assert f"| {row} |" in summary, summary
+    assert "n/a" not in summary and "proxy" not in summary, summary  # no reward model in this pipeline
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["prompts"] == 200 and all(math.isfinite(evaluation[k]) for k in ("gold_sft", "gold_dpo", "kl"))

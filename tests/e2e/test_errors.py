@@ -193,8 +193,8 @@ STAGE_CASES = {
     "resume from a non-checkpoint": ("CheckpointError", "not a complete", [SFT, "resume={bad}/not_a_checkpoint"]),
     "ppo without a reward": ("ConfigError", "needs ppo.reward_model", ["stage=ppo"]),
     "ppo reward_fn not importable": ("ConfigError", "ppo.reward_fn 'nope:f'", ["stage=ppo", "ppo.reward_fn=nope:f"]),
-    "ppo reward_fn column absent": ("ConfigError", "takes 'answer', which no prompt row of data.recipe=demo_prompts",
-                                    ["stage=ppo", "ppo.reward_fn=tests.rewards:matches_its_answer"]),
+    "ppo reward_fn column absent": ("ConfigError", "takes 'given_as', which no prompt row of data.recipe=demo_prompts",
+                                    ["stage=ppo", "ppo.reward_fn=tests.rewards:in_trls_shape"]),
     "ppo greedy sampling": ("ConfigError", "ppo.temperature must be above 0", [*PPO, "ppo.temperature=0"]),
     "ppo top_p out of range": ("ConfigError", "ppo.top_p must be in (0, 1], not 1.5", [*PPO, "ppo.top_p=1.5"]),
     "ppo no new tokens": ("ConfigError", "ppo.max_new_tokens must be at least 1", [*PPO, "ppo.max_new_tokens=0"]),
@@ -280,7 +280,8 @@ def test_preloaded_and_real_runs_agree(data_cache, tmp_path):
     runs = {}
     for name, real in (("real", True), ("preloaded", False)):
         out = tmp_path / name
-        args = ["stage=sft", "model=tiny", "train.max_steps=2", "train.logging_steps=1", "train.eval_steps=0"]
+        args = ["stage=sft", "model=tiny", "train.max_steps=2", "train.batch_size=4", "train.logging_steps=1",
+                "train.eval_steps=0"]  # fmt: skip
         proc = align_runner(data_cache, real=real)(*args, f"output_dir={out}")
         assert "align sft: what runs" in proc.stdout + proc.stderr
         losses = [row["train/loss"] for row in read_log(out) if "train/loss" in row]

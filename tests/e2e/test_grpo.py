@@ -5,14 +5,17 @@ resume: tests/e2e/test_kill_resume.py."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from align.cli import check_overrides
 from align.errors import ConfigError
+from align.rl.verifiable import number_match
 from align.stages.ppo import check_config
 from tests.conftest import read_log
+from tests.e2e.test_errors import assert_one_line_error
 
 BREVITY = "ppo.reward_fn=tests.rewards:brevity"
 VALUE_KEYS = ("ppo/value_loss", "ppo/vf_clipfrac", "ppo/value_grad_norm", "ppo/explained_variance")
@@ -92,3 +95,37 @@ def test_bad_critic_free_settings_fail_at_start_up(overrides, message):
     config = check_overrides(["stage=grpo", "model=tiny", BREVITY, *overrides])
     with pytest.raises(ConfigError, match=message):
         check_config(config)
+
+
+def test_the_built_in_number_match_scores_each_response_against_its_rows_answer(run_align, tmp_path):
+    """GSM8K-shaped rows (the gold answer after `####`); the two whose answer holds no number are left
+    out (TRL's None), so a sample's reward is None exactly when its own row's answer is one of them."""
+    rows = [{"question": f"Q{i}: what is {i % 5} + {i % 4}?", "answer": f"{i % 5} + {i % 4}\n#### {i % 5 + i % 4}"}
+            for i in range(10)]  # fmt: skip
+    rows += [{"question": f"Q{i}: name a colour", "answer": "#### blue"} for i in (10, 11)]
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = tmp_path / "math.yaml"
+    recipe.write_text("kind: prompt\nsources:\n  - {path: math.jsonl, format: prompt, columns: {prompt: question}}\n")
+    out = tmp_path / "grpo"
+    run_align("stage=grpo", f"data.recipe={recipe}", "ppo.reward_fn=align.rl.verifiable:number_match",
+              "train.max_steps=3", "ppo.prompts_per_step=4", "ppo.responses_per_prompt=4", "train.batch_size=16",
+              "ppo.mini_batches=1", "ppo.max_new_tokens=8", "ppo.sample_every=1", f"output_dir={out}")  # fmt: skip
+    answers = {row["question"]: row["answer"] for row in rows}
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 * 16
+    for sample in samples:
+        (expected,) = number_match([sample["prompt"]], [sample["response"]], [answers[sample["prompt"]]])
+        assert sample["reward"] == expected, sample
+    rewards = [s["reward"] for s in samples]
+    assert None in rewards and 0.0 in rewards and set(rewards) <= {None, 0.0, 1.0}
+    log = read_log(out)
+    assert sum(r["ppo/unscored"] for r in log) > 0
+
+
+def test_a_verifiable_reward_on_data_without_answers_stops_at_start_up(run_align, tmp_path):
+    (tmp_path / "bare.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}"}) + "\n" for i in range(4)))
+    recipe = tmp_path / "bare.yaml"
+    recipe.write_text("kind: prompt\nsources:\n  - {path: bare.jsonl, format: prompt}\n")
+    proc = run_align("stage=grpo", f"data.recipe={recipe}", "ppo.reward_fn=align.rl.verifiable:exact_match",
+                     f"output_dir={tmp_path / 'out'}", check=False)  # fmt: skip
+    assert_one_line_error(proc, "ConfigError", "align.rl.verifiable:exact_match takes 'answer', which no prompt row")

@@ -307,8 +307,10 @@ def test_offline_wandb_needs_no_key(sandbox):
 WORKER = """
 import os, sys, time
 mode, rank = os.environ["MODE"], os.environ["RANK"]
-if mode == "fail" and rank == "1":
-    sys.exit(3)
+if mode == "fail":  # rank 1 fails while rank 0 is still working (a requeue exit follows a barrier
+    if rank == "1":  # that a failed rank never reaches): torchrun stops rank 0 with SIGTERM
+        sys.exit(3)
+    time.sleep(30)
 if mode == "straggler" and rank == "0":
     time.sleep(30)  # still leaving when rank 1 has left: torchrun stops it with SIGTERM
 sys.exit(75)

@@ -136,7 +136,7 @@ def test_the_pipeline_summary_reads_such_a_reward_model_as_ppo_does(tmp_path, po
         stage_name="pipeline", output_dir=str(tmp_path), pipeline=PipelineConfig(eval_max_new_tokens=4)
     )
     prompts = load_recipe_data("demo_prompts_eval", "prompt", policy_tokenizer, seed=0, cache_dir=str(tmp_path / "c"))
-    result = evaluate_policies(config, outputs, policy_tokenizer, prompts.train.select(range(3)))
+    result = evaluate_policies(config, outputs, "ppo", policy_tokenizer, prompts.train.select(range(3)))
     assert len(readings) == 2 and all(r.shape == (3,) for r in readings)  # the SFT and the PPO policy
     assert [result["proxy_sft"], result["proxy_ppo"]] == [r.mean().item() for r in readings]
 
