@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,10 +22,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench._gain
+from bench._gain import children_cpu_seconds, print_rows  # noqa: E402
 
 
 def run_seed(seed: int, out: Path, extra: list[str]) -> dict:
-    started, cpu_before = time.perf_counter(), _children_cpu_seconds()
+    started, cpu_before = time.perf_counter(), children_cpu_seconds()
     subprocess.run(
         [sys.executable, "-m", "align", f"seed={seed}", f"output_dir={out}", *extra],
         cwd=REPO,
@@ -52,14 +53,8 @@ def run_seed(seed: int, out: Path, extra: list[str]) -> dict:
         "train_kl": ppo["ppo/kl"],
         **{f"{stage}_s": seconds for stage, seconds in walls.items()},
         "minutes": (time.perf_counter() - started) / 60,
-        "cpu_minutes": (_children_cpu_seconds() - cpu_before) / 60,
+        "cpu_minutes": (children_cpu_seconds() - cpu_before) / 60,
     }
-
-
-def _children_cpu_seconds() -> float:
-    """CPU time of finished child processes: unlike the wall clock, other jobs on the machine barely move it."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -72,9 +67,8 @@ def main() -> None:
     rows = [run_seed(seed, args.out / f"seed{seed}", args.overrides) for seed in args.seeds]
     cols = ["seed", "gold_sft", "gold_ppo", "gain", "proxy_sft", "proxy_ppo", "kl", "rm_accuracy", "sft_loss"]
     cols += ["sft_s", "rm_s", "ppo_s", "minutes", "cpu_minutes"]
-    print("\n" + " | ".join(f"{c:>11}" for c in cols))
-    for row in rows:
-        print(" | ".join(f"{row[c]:>11.3f}" if isinstance(row[c], float) else f"{row[c]:>11}" for c in cols))
+    print()
+    print_rows(rows, cols)
     gains = [r["gain"] for r in rows]
     mean = statistics.mean(gains)
     spread = statistics.stdev(gains) if len(gains) > 1 else float("nan")

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # bench.grpo_gain, and `align` from this checkout
-from bench.grpo_gain import children_cpu_seconds, report_gains, run_align  # noqa: E402
+sys.path.insert(0, str(REPO))  # bench._gain, and `align` from this checkout
+from bench._gain import children_cpu_seconds, print_rows, report_gains, run_align  # noqa: E402
 
 
 def run_seed(seed: int, out: Path, dpo_overrides: list[str]) -> dict:
@@ -77,9 +77,7 @@ def main() -> None:
     cols = ["seed", "gold_sft", "gold_dpo", "exact_sft", "exact_dpo", "kl", "pref_acc", "margin", "steps"]
     cols += ["dpo_s", "sft_s", "dpo_eval_s", "minutes", "cpu_minutes"]
     print(f"\nDPO overrides: {' '.join(args.overrides) or '(none: the dpo_tiny tuning)'}")
-    print(" | ".join(f"{c:>11}" for c in cols))
-    for row in rows:
-        print(" | ".join(f"{row[c]:>11.3f}" if isinstance(row[c], float) else f"{row[c]:>11}" for c in cols))
+    print_rows(rows, cols)
     report_gains(rows, "DPO", "dpo")
     (args.out / "gain.json").write_text(json.dumps(rows, indent=2) + "\n")
 

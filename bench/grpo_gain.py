@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench._gain, and `align` from this checkout
+from bench._gain import children_cpu_seconds, print_rows, report_gains, run_align  # noqa: E402
+
 GOLD = "align.tasks.sorting:gold_reward"
 
 
@@ -42,11 +41,6 @@ def exact_match(prompts: list[str], responses: list[str]) -> list[float]:
     from align.tasks.sorting import gold_score
 
     return [float(gold_score(p, r) == 1.0) for p, r in zip(prompts, responses, strict=True)]
-
-
-def run_align(*overrides: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # bench.grpo_gain:exact_match for the summary
-    subprocess.run([sys.executable, "-m", "align", *overrides], cwd=REPO, env=env, check=True)
 
 
 def run_seed(seed: int, out: Path, reward: str, grpo_overrides: list[str]) -> dict:
@@ -102,11 +96,6 @@ def run_seed(seed: int, out: Path, reward: str, grpo_overrides: list[str]) -> di
     }
 
 
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -123,26 +112,9 @@ def main() -> None:
     cols = ["seed", "gold_sft", "gold_grpo", "gain", "exact_sft", "exact_grpo", "kl", "reward_first"]
     cols += ["reward_last", "steps", "sft_s", "grpo_s", "eval_s", "minutes", "cpu_minutes"]
     print(f"\nGRPO reward: {args.reward}; overrides: {' '.join(args.overrides) or '(none: the grpo_tiny tuning)'}")
-    print(" | ".join(f"{c:>12}" for c in cols))
-    for row in rows:
-        print(" | ".join(f"{row[c]:>12.3f}" if isinstance(row[c], float) else f"{row[c]:>12}" for c in cols))
+    print_rows(rows, cols, width=12)
     report_gains(rows, "GRPO", "grpo")
     (args.out / "gain.json").write_text(json.dumps(rows, indent=2) + "\n")
-
-
-def report_gains(rows: list[dict], name: str, key: str) -> None:
-    """Gold and exact-match gains over the SFT policy per seed, and whether each is shown (mean above
-    three times the seed-to-seed std, every seed gaining)."""
-    for metric, label in (("gold", "gold"), ("exact", "exact-match")):
-        gains = [r[f"{metric}_{key}"] - r[f"{metric}_sft"] for r in rows]
-        mean = statistics.mean(gains)
-        spread = statistics.stdev(gains) if len(gains) > 1 else float("nan")
-        shown = len(gains) > 1 and mean > 3 * spread and all(g > 0 for g in gains)
-        print(
-            f"{label} gain of {name} over its SFT policy (held-out): per seed {', '.join(f'{g:+.3f}' for g in gains)}; "
-            f"mean {mean:+.3f}, seed-to-seed std {spread:.3f}, 3 x std {3 * spread:.3f}; "
-            f"mean > 3 x std and every seed gains: {shown}"
-        )
 
 
 if __name__ == "__main__":

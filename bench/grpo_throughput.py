@@ -268,7 +268,7 @@ def report(rounds: dict, rss: dict, dirs: dict, sizes: list[str], memory_steps: 
     name = f"TRL {trl.__version__}"
     results = {key: max(runs, key=lambda r: r["eps"]) for key, runs in rounds.items()}
     head = (
-        f"{'model':<16}{'side':<11}{'ep/s':>8}{'ep/cpu-s':>10}{'step s':>9}"
+        f"{'model':<18}{'side':<11}{'ep/s':>8}{'ep/cpu-s':>10}{'step s':>9}"
         f"{'generate':>10}{'score':>8}{'update':>8}{'other':>8}{'peak MiB':>10}"
     )
     print(head)
@@ -278,7 +278,7 @@ def report(rounds: dict, rss: dict, dirs: dict, sizes: list[str], memory_steps: 
         for side, side_name in (("trl", name), ("align", "align")):
             r = results[size, side]
             print(
-                f"{label:<16}{side_name:<11}{r['eps']:8.2f}{r['eps_cpu']:10.2f}{r['step_s']:9.3f}"
+                f"{label:<18}{side_name:<11}{r['eps']:8.2f}{r['eps_cpu']:10.2f}{r['step_s']:9.3f}"
                 f"{r['time/generate']:10.3f}{r['time/score']:8.3f}{r['time/update']:8.3f}{r['other']:8.3f}"
                 f"{rss[size, side]:10.0f}"
             )
