@@ -99,8 +99,9 @@ def test_trainer_stages_in_bf16_keep_and_move_fp32_weights(run_align, tmp_path, 
 
 
 # Largest |bf16 loss - fp32 loss| allowed over 4 steps at lr 1e-3 from the same seed. Measured on the
-# tiny model: SFT 1.3e-4 relative (losses 7.3 -> 5.1); RM 0.012 absolute (losses near ln 2 = 0.69,
-# where the pairwise loss is flat and rounding of the two rewards' difference shows).
+# tiny model at batch 16: SFT 1.3e-4 relative (losses 7.3 -> 5.1; 1.6e-4 at the test's batch 8); RM
+# 0.012 absolute (losses near ln 2 = 0.69, where the pairwise loss is flat and rounding of the two
+# rewards' difference shows).
 BF16_LOSS_TOLERANCE = {"sft": {"rel": 1e-3}, "rm": {"abs": 0.03}}
 
 
