@@ -4,15 +4,14 @@ A PPO rollout is stored padded: prompts on the left, responses after their EOS o
 forward and backward pays for the padding in proportion to its share of the batch, and on real
 prompt sets (a few tokens to a thousand) with responses that stop at EOS that share is large.
 `PackedRows` concatenates the real tokens of all rows into one row, with position ids restarting
-at each row, and keeps attention inside each row (`PACKED_SDPA`, registered with transformers:
-one causal SDPA call per row). Both layouts answer the same questions (the logits that predict
+at each row, holds a prompt that several rows share once (a group of responses to one prompt),
+and keeps attention inside each row (`PACKED_SDPA`, registered with transformers: one SDPA call
+per segment of the packed row). Both layouts answer the same questions (the logits that predict
 each response token, the hidden state before it, the state at each row's last real token), so a
 forward is written once and gives the same numbers either way, up to float rounding.
 """
 
 from __future__ import annotations
-
-from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from align.rl.rewards import last_token_index
 
 PACKED_SDPA = "align_packed_sdpa"
+PACKED_SEGMENTS = "packed_segments"  # the keyword that carries PackedRows.segments to attention
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -68,54 +68,82 @@ class PaddedRows:
 
 
 class PackedRows:
-    """The real tokens of ``[N, T]`` padded rows as one row ``[1, sum of lengths]``.
+    """The real tokens of ``[N, T]`` padded rows as one row ``[1, L]``, each distinct prompt once.
 
-    Response positions after a row's EOS (mask 0) are not in the packed row; `to_rows` gives
-    them 0, and every loss masks them.
+    With `prompt_len`, the packed row holds each distinct prompt as a segment, followed by the
+    response of every row with that prompt, each a segment that attends to the prompt and to
+    itself. Rows with the same prompt (a GRPO group, PPO's responses per prompt) share its forward,
+    computed once, and its gradient collects all of theirs. A prompt is a segment of its own even
+    when one row has it, so a response's numbers do not depend on which rows share the batch (the
+    first PPO ratio stays exactly 1 when the update's micro-batches regroup the rollout). Without
+    `prompt_len`, each row is one segment. Response positions after a row's EOS (mask 0) are not
+    in the packed row; `to_rows` gives them 0, and every loss masks them.
     """
 
     def __init__(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int | None = None) -> None:
         real = attention_mask.bool()
-        lengths = real.sum(-1)
-        if bool((lengths == 0).any()):
+        if bool((real.sum(-1) == 0).any()):
             raise ValueError("PackedRows: a row has no real token")
-        self.input_ids = input_ids[real].unsqueeze(0)
-        self.position_ids = position_ids(attention_mask)[real].unsqueeze(0)
-        self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        self.max_length = int(lengths.max())
-        if prompt_len is not None:
-            if not bool(real[:, :prompt_len].any(-1).all()):
-                raise ValueError("PackedRows: a row has no prompt token to predict its response from")
-            # Packed index of every real position, read at the real response tokens.
-            packed_index = real.reshape(-1).long().cumsum(0).reshape(real.shape) - 1
-            self.response_real = real[:, prompt_len:]
-            self._response_index = packed_index[:, prompt_len:][self.response_real]  # [K]
+        n, width = real.shape
+        split = width if prompt_len is None else prompt_len
+        flat = torch.arange(n * width, device=real.device).reshape(n, width)
+        prompts = [flat[i, :split][real[i, :split]] for i in range(n)]  # flat indices of real tokens
+        responses = [flat[i, split:][real[i, split:]] for i in range(n)]
+        if prompt_len is not None and any(len(p) == 0 for p in prompts):
+            raise ValueError("PackedRows: a row has no prompt token to predict its response from")
 
-    def model_inputs(self) -> dict[str, Tensor | int]:
-        # The cu_seq_lens / max_length names are transformers' FlashAttentionKwargs: they reach the
-        # attention function of every layer.
-        return {
-            "input_ids": self.input_ids,
-            "position_ids": self.position_ids,
-            "cu_seq_lens_q": self.cu_seqlens,
-            "cu_seq_lens_k": self.cu_seqlens,
-            "max_length_q": self.max_length,
-            "max_length_k": self.max_length,
-        }
+        pieces: list[Tensor] = []  # flat indices, in packed order
+        segments: list[tuple[int, int, int, int]] = []  # start, end, and its prompt's start and end
+        last = [0] * n  # packed index of each row's last real token
+        before = [torch.empty(0, dtype=torch.long)] * n  # packed indices predicting each response token
+
+        def add(piece: Tensor, prompt: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+            start = segments[-1][1] if segments else 0
+            pieces.append(piece)
+            segments.append((start, start + len(piece), *prompt))
+            return start, start + len(piece)
+
+        rows_of: dict[tuple[int, ...], list[int]] = {}
+        for i in range(n):
+            key = (i,) if prompt_len is None else tuple(input_ids.reshape(-1)[prompts[i]].tolist())
+            rows_of.setdefault(key, []).append(i)
+        for members in rows_of.values():
+            prompt = add(prompts[members[0]])
+            for i in members:
+                last[i] = prompt[1] - 1
+                if prompt_len is not None and len(responses[i]):
+                    start, end = add(responses[i], prompt)
+                    before[i] = torch.arange(start - 1, end - 1)
+                    before[i][0] = prompt[1] - 1  # the first response token is predicted at the prompt's end
+                    last[i] = end - 1
+
+        order = torch.cat(pieces)
+        self.input_ids = input_ids.reshape(-1)[order].unsqueeze(0)
+        self.position_ids = position_ids(attention_mask).reshape(-1)[order].unsqueeze(0)
+        self.segments = segments
+        self._last_index = torch.tensor(last, device=real.device)
+        if prompt_len is not None:
+            self.response_real = real[:, prompt_len:]
+            self._before_index = torch.cat(before).to(real.device)  # [K], rows in order
+            self._response_tokens = input_ids[:, prompt_len:][self.response_real]
+
+    def model_inputs(self) -> dict[str, Tensor | list[tuple[int, int, int, int]]]:
+        # Every keyword reaches the attention function of each layer (transformers passes them on).
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, PACKED_SEGMENTS: self.segments}
 
     @property
     def logits_to_keep(self) -> Tensor:
-        return self._response_index - 1
+        return self._before_index
 
     def response_logits(self, kept_logits: Tensor) -> Tensor:
         return kept_logits[0]  # [K, V]
 
     @property
     def response_tokens(self) -> Tensor:
-        return self.input_ids[0, self._response_index]
+        return self._response_tokens
 
     def before_response(self, hidden: Tensor) -> Tensor:
-        return hidden[0, self._response_index - 1]  # [K, H]
+        return hidden[0, self._before_index]  # [K, H]
 
     def to_rows(self, per_response_token: Tensor) -> Tensor:
         """``[K, ...]`` (one per real response token) -> ``[N, R, ...]``, 0 after each EOS."""
@@ -124,7 +152,7 @@ class PackedRows:
         return out
 
     def at_last_token(self, hidden: Tensor) -> Tensor:
-        return hidden[0, self.cu_seqlens[1:].long() - 1]
+        return hidden[0, self._last_index]
 
 
 Rows = PaddedRows | PackedRows
@@ -171,30 +199,46 @@ def _packed_sdpa_attention(
     attention_mask: Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    cu_seq_lens_q: Tensor | None = None,
+    packed_segments: list[tuple[int, int, int, int]] | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
-    """``query [1, heads, T, d]`` of packed rows -> ``[1, T, heads, d]``; padded rows go to SDPA."""
+    """``query [1, heads, L, d]`` of packed rows -> ``[1, L, heads, d]``; padded rows go to SDPA.
+
+    One SDPA call per segment of `PackedRows.segments`: causal inside it, and a response segment
+    after a shared prompt also sees the whole prompt (its keys and values come first)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if cu_seq_lens_q is None:
+    if packed_segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     unsupported = [k for k in ("position_bias", "softcap", "s_aux") if kwargs.get(k) is not None]
     if unsupported or query.shape[0] != 1:
         raise ValueError(f"packed rows cannot run attention with {unsupported or 'a batch of several rows'}")
     grouped = query.shape[1] != key.shape[1]
-    parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout,
-            scale=scaling,
-            is_causal=True,
-            enable_gqa=grouped,
+    # Split, not sliced: the backward of a slice allocates a zero tensor of the whole input for
+    # each segment, the backward of a split is one concatenation.
+    sizes = [end - start for start, end, _, _ in packed_segments]
+    queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
+    segment_at = {start: i for i, (start, _, _, _) in enumerate(packed_segments)}
+    parts = []
+    for i, (start, end, prompt_start, prompt_end) in enumerate(packed_segments):
+        k, v, mask = keys[i], values[i], None
+        if prompt_end > prompt_start:
+            prompt = segment_at[prompt_start]
+            k, v = torch.cat([keys[prompt], k], dim=2), torch.cat([values[prompt], v], dim=2)
+            seen = prompt_end - prompt_start
+            mask = torch.ones(end - start, seen + end - start, dtype=torch.bool, device=query.device).tril(seen)
+        parts.append(
+            F.scaled_dot_product_attention(
+                queries[i],
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=mask is None,
+                enable_gqa=grouped,
+            )
         )
-        for start, end in pairwise(cu_seq_lens_q.tolist())
-    ]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -108,30 +108,26 @@ def _sample_tokens(
     temperature: float,
     top_p: float,
 ) -> Tensor:
-    """``[N, P]`` left-padded prompts -> ``[N, R]`` sampled ids, ``R <= max_new_tokens``."""
-    from transformers import DynamicCache
+    """``[N, P]`` left-padded prompts -> ``[N, R]`` sampled ids, ``R <= max_new_tokens``.
 
-    n = prompt_ids.shape[0]
+    Each distinct prompt is prefilled once and its cache copied to every row that has it (a group
+    of responses to one prompt): the prefill is most of the work when prompts are long. The cache
+    is allocated once for the longest possible rollout (transformers' StaticCache): a growing one
+    copies itself at every token, a fifth of the sampling time at 20M parameters."""
+    from transformers import StaticCache
+
+    n, width = prompt_ids.shape
     eos = torch.as_tensor(eos_ids, device=prompt_ids.device)
+    distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    logits = _next_logits(model, distinct[:, :width], distinct[:, width:], position_ids(distinct[:, width:]), cache)
+    cache.reorder_cache(row_of)
+    logits = logits[row_of]
     mask = prompt_mask
-    positions = position_ids(mask)  # as the scoring and training forwards count them
-    cache = DynamicCache(config=getattr(model, "config", None))
-    tokens = prompt_ids
+    positions = position_ids(mask)[:, -1:]  # as the scoring and training forwards count them
     done = torch.zeros(n, dtype=torch.bool, device=prompt_ids.device)
     out: list[Tensor] = []
     for t in range(max_new_tokens):
-        logits = (
-            model(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            .logits[:, -1]
-            .float()
-        )
         next_ids = sample_next(logits, temperature, top_p)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
         out.append(next_ids)
@@ -139,10 +135,18 @@ def _sample_tokens(
         # One check per token; the alternative (always max_new_tokens) costs more on short answers.
         if t + 1 == max_new_tokens or bool(done.all()):
             break
-        tokens = next_ids[:, None]
-        positions = positions[:, -1:] + 1
+        positions = positions + 1
         mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+        logits = _next_logits(model, next_ids[:, None], mask, positions, cache)
     return torch.stack(out, dim=1)
+
+
+def _next_logits(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
+    """``[N, V]`` fp32 logits for the token after ``ids``, extending ``cache``."""
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+    )
+    return out.logits[:, -1].float()
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float) -> Tensor:

@@ -1,10 +1,12 @@
-"""The sampler's temperature and top-p are generate's: the same tokens survive the cut, and only those are drawn."""
+"""The sampler's temperature and top-p are generate's: the same tokens survive the cut, and only those are
+drawn; a prompt that several rows share is prefilled once and each row continues its own prompt."""
 
 import pytest
 import torch
-from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import AutoConfig, AutoModelForCausalLM, TemperatureLogitsWarper, TopPLogitsWarper
 
-from align.rl.rollout import sample_next, top_p_filter
+from align.config import REPO_ROOT
+from align.rl.rollout import response_token_ids, sample, sample_next, top_p_filter
 
 
 def _logits() -> torch.Tensor:
@@ -43,3 +45,38 @@ def test_sampling_draws_only_kept_tokens_at_their_renormalised_rates() -> None:
 def test_top_p_of_one_keeps_every_token() -> None:
     logits = _logits()
     assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_rows_sharing_a_prompt_continue_it_as_a_row_of_its_own_would() -> None:
+    config = AutoConfig.from_pretrained(REPO_ROOT / "align" / "assets" / "tiny")
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [5, 6, 7, 8, 9], [10, 11], [10, 11], [12, 13, 14]]
+    batch_sizes = []
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+
+    def rollout(rows):
+        # A near-zero temperature samples the arg-max: the same tokens however the rows are batched.
+        return sample(
+            model,
+            rows,
+            pad_id=0,
+            eos_ids=[2],
+            max_new_tokens=6,
+            temperature=1e-4,
+            top_p=1.0,
+            device=torch.device("cpu"),
+        )
+
+    shared = rollout(prompts)
+    assert batch_sizes[0] == (3, 5)  # the prefill: 3 distinct prompts, not 6 rows
+    assert all(size[0] == 6 for size in batch_sizes[1:])
+    continuations = []
+    for i, prompt in enumerate(prompts):
+        alone = rollout([prompt])
+        continuations.append(response_token_ids(alone)[0])
+        assert response_token_ids(shared)[i] == continuations[-1]
+    assert len(set(map(tuple, continuations))) == 3  # the prompts continue differently: a mix-up would show

@@ -42,11 +42,29 @@ def _rollout_tensors():
     return torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1), ids.shape[1], response_mask
 
 
+def _grouped_rollout_tensors():
+    """Six rows: two groups sharing a prompt (rows 0, 2, 3 and rows 1, 4), and row 5 with its own."""
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    ids, mask = left_pad(prompts, PAD, torch.device("cpu"))
+    response = torch.tensor(
+        [[20, 21, EOS], [22, 23, 24], [EOS, PAD, PAD], [25, EOS, PAD], [26, 27, EOS], [28, 29, EOS]]
+    )
+    response_mask = (response != PAD).long()
+    return torch.cat([ids, response], 1), torch.cat([mask, response_mask], 1), ids.shape[1], response_mask
+
+
 def test_packed_rows_index_the_real_tokens_by_hand():
     ids, mask, prompt_len, _ = _rollout_tensors()
     rows = PackedRows(ids, mask, prompt_len)
-    # Row lengths 5 + 3, 2 + 4, 3 + 1 -> boundaries 0, 8, 14, 18.
-    assert rows.cu_seqlens.tolist() == [0, 8, 14, 18]
+    # Row lengths 5 + 3, 2 + 4, 3 + 1: each prompt a segment, each response one that also sees it.
+    assert rows.segments == [
+        (0, 5, 0, 0),
+        (5, 8, 0, 5),
+        (8, 10, 0, 0),
+        (10, 14, 8, 10),
+        (14, 17, 0, 0),
+        (17, 18, 14, 17),
+    ]
     assert rows.input_ids.tolist() == [[5, 6, 7, 8, 9, 20, 21, EOS, 10, 11, 22, 23, 24, 25, 12, 13, 14, EOS]]
     assert rows.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]
     # The logit predicting each response token sits one position before it.
@@ -63,6 +81,33 @@ def test_packed_rows_index_the_real_tokens_by_hand():
     ]
 
 
+def test_rows_with_the_same_prompt_hold_it_once_by_hand():
+    ids, mask, prompt_len, _ = _grouped_rollout_tensors()
+    rows = PackedRows(ids, mask, prompt_len)
+    # Prompt [5..9] once (0-5), then its three responses; prompt [10, 11] once (11-13), then its two;
+    # the last row's prompt (19-22), then its response.
+    assert rows.segments == [
+        (0, 5, 0, 0),
+        (5, 8, 0, 5),
+        (8, 9, 0, 5),
+        (9, 11, 0, 5),
+        (11, 13, 0, 0),
+        (13, 16, 11, 13),
+        (16, 19, 11, 13),
+        (19, 22, 0, 0),
+        (22, 25, 19, 22),
+    ]
+    assert rows.input_ids.tolist() == [
+        [5, 6, 7, 8, 9, 20, 21, EOS, EOS, 25, EOS, 10, 11, 22, 23, 24, 26, 27, EOS, 12, 13, 14, 28, 29, EOS]
+    ]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 5, 5, 6, 0, 1, 2, 3, 4, 2, 3, 4, 0, 1, 2, 3, 4, 5]]
+    # Each response's first token is predicted at its shared prompt's last position.
+    assert rows.logits_to_keep.tolist() == [4, 5, 6, 12, 13, 14, 4, 4, 9, 12, 16, 17, 21, 22, 23]
+    assert rows.response_tokens.tolist() == [20, 21, EOS, 22, 23, 24, EOS, 25, EOS, 26, 27, EOS, 28, 29, EOS]
+    hidden = torch.arange(25.0).reshape(1, 25, 1)
+    assert rows.at_last_token(hidden).squeeze(-1).tolist() == [7, 15, 8, 10, 18, 24]
+
+
 def test_a_row_without_prompt_tokens_is_refused():
     ids = torch.tensor([[0, 0, 7, 8], [5, 6, 7, 8]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
@@ -70,7 +115,8 @@ def test_a_row_without_prompt_tokens_is_refused():
         PackedRows(ids, mask, prompt_len=2)
 
 
-def test_packed_forwards_match_padded_values_and_gradients():
+@pytest.mark.parametrize("tensors", [_rollout_tensors, _grouped_rollout_tensors], ids=["own-prompts", "shared-prompts"])
+def test_packed_forwards_match_padded_values_and_gradients(tensors):
     config = _config()
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(config)
@@ -82,7 +128,7 @@ def test_packed_forwards_match_padded_values_and_gradients():
     for model in (packed_policy, packed_value.hf_model, packed_reward):
         enable_packing(model)
 
-    ids, mask, prompt_len, response_mask = _rollout_tensors()
+    ids, mask, prompt_len, response_mask = tensors()
     padded, packed = PaddedRows(ids, mask, prompt_len), PackedRows(ids, mask, prompt_len)
     results = {}
     for name, rows, p, v, r in (
@@ -90,6 +136,8 @@ def test_packed_forwards_match_padded_values_and_gradients():
         ("packed", packed, packed_policy, packed_value, packed_reward),
     ):
         logp, entropy = response_logprobs(p, rows, 0.7, with_entropy=True)
+        if rows is packed:
+            assert not logp[response_mask == 0].any()  # after each EOS: nothing computed, 0
         values = v(rows)
         ((logp * response_mask).sum() + (values * response_mask).sum()).backward()
         with torch.no_grad():
@@ -103,7 +151,6 @@ def test_packed_forwards_match_padded_values_and_gradients():
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
     for x, y in zip(a_grads, b_grads, strict=True):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
-    assert results["packed"][0][0, 3] == 0  # after the EOS: nothing computed, 0
 
 
 def test_generation_is_unchanged_by_the_packed_attention():
@@ -142,3 +189,4 @@ def test_generation_is_unchanged_by_the_packed_attention():
 def test_only_full_attention_sdpa_models_are_packed(overrides, attention, expected):
     model = AutoModelForCausalLM.from_config(_config(**overrides), attn_implementation=attention)
     assert can_pack(model) is expected
+
