@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -9,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from align.data.formats import read_other_columns
+from align.modeling.models import unwrap_model
 from align.modeling.rows import position_ids
 from align.rl.reward_fns import Episodes
 from align.rl.rewards import has_eos, response_mask_after_eos
@@ -121,6 +124,8 @@ def _sample_tokens(
     distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
     logits = _next_logits(model, distinct[:, :width], distinct[:, width:], position_ids(distinct[:, width:]), cache)
+    if int(cache.get_seq_length()) != width:
+        raise RuntimeError(f"{type(model).__name__} did not fill the KV cache it was given (transformers' cache API)")
     cache.reorder_cache(row_of)
     logits = logits[row_of]
     mask = prompt_mask
@@ -143,10 +148,19 @@ def _sample_tokens(
 
 def _next_logits(model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
     """``[N, V]`` fp32 logits for the token after ``ids``, extending ``cache``."""
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-    )
-    return out.logits[:, -1].float()
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, _cache_keyword(model): cache}
+    return model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    # transformers renamed `past_key_values` to `cache` (5.2x); under the other name a forward
+    # takes the cache as an unknown keyword, ignores it and sees only the newest token.
+    return _forward_cache_keyword(type(unwrap_model(model)))
+
+
+@functools.cache
+def _forward_cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float) -> Tensor:

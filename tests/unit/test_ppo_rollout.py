@@ -88,3 +88,21 @@ def test_rows_sharing_a_prompt_continue_it_as_a_row_of_its_own_would() -> None:
         continuations.append(response_token_ids(alone)[0])
         assert response_token_ids(shared)[i] == continuations[-1]
     assert len(set(map(tuple, continuations))) == 3  # the prompts continue differently: a mix-up would show
+
+
+def test_a_model_that_ignores_the_kv_cache_is_stopped_before_it_samples_blind() -> None:
+    class DropsTheCache(torch.nn.Module):  # a forward that swallows the cache under an unknown name
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, **kwargs):
+            kwargs.pop("past_key_values", None)
+            return self.inner(**kwargs)
+
+    config = AutoConfig.from_pretrained(REPO_ROOT / "align" / "assets" / "tiny")
+    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2})
+    model = DropsTheCache(AutoModelForCausalLM.from_config(config))
+    with pytest.raises(RuntimeError, match="did not fill the KV cache"):
+        sample(model, [[5, 6, 7]], pad_id=0, eos_ids=[2], max_new_tokens=4, temperature=1.0, top_p=1.0,
+               device=torch.device("cpu"))  # fmt: skip
