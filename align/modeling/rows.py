@@ -86,9 +86,11 @@ class PackedRows:
             raise ValueError("PackedRows: a row has no real token")
         n, width = real.shape
         split = width if prompt_len is None else prompt_len
-        flat = torch.arange(n * width, device=real.device).reshape(n, width)
-        prompts = [flat[i, :split][real[i, :split]] for i in range(n)]  # flat indices of real tokens
-        responses = [flat[i, split:][real[i, split:]] for i in range(n)]
+        # The layout is worked out on the CPU (a few small tensors per row) and moved over once.
+        on_cpu, ids_on_cpu = real.cpu(), input_ids.reshape(-1).cpu()
+        flat = torch.arange(n * width).reshape(n, width)
+        prompts = [flat[i, :split][on_cpu[i, :split]] for i in range(n)]  # flat indices of real tokens
+        responses = [flat[i, split:][on_cpu[i, split:]] for i in range(n)]
         if prompt_len is not None and any(len(p) == 0 for p in prompts):
             raise ValueError("PackedRows: a row has no prompt token to predict its response from")
 
@@ -105,7 +107,7 @@ class PackedRows:
 
         rows_of: dict[tuple[int, ...], list[int]] = {}
         for i in range(n):
-            key = (i,) if prompt_len is None else tuple(input_ids.reshape(-1)[prompts[i]].tolist())
+            key = (i,) if prompt_len is None else tuple(ids_on_cpu[prompts[i]].tolist())
             rows_of.setdefault(key, []).append(i)
         for members in rows_of.values():
             prompt = add(prompts[members[0]])
@@ -117,7 +119,7 @@ class PackedRows:
                     before[i][0] = prompt[1] - 1  # the first response token is predicted at the prompt's end
                     last[i] = end - 1
 
-        order = torch.cat(pieces)
+        order = torch.cat(pieces).to(real.device)
         self.input_ids = input_ids.reshape(-1)[order].unsqueeze(0)
         self.position_ids = position_ids(attention_mask).reshape(-1)[order].unsqueeze(0)
         self.segments = segments
