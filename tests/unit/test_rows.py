@@ -189,4 +189,3 @@ def test_generation_is_unchanged_by_the_packed_attention():
 def test_only_full_attention_sdpa_models_are_packed(overrides, attention, expected):
     model = AutoModelForCausalLM.from_config(_config(**overrides), attn_implementation=attention)
     assert can_pack(model) is expected
-
