@@ -132,9 +132,9 @@ NOT_RUN = {
     ".venv/bin/python bench/grpo_throughput.py": "~7 min on 2 cores",
     ".venv/bin/python bench/grpo_throughput.py --sizes 125k --steps 6": "~2 min on 2 cores, over this file's budget",
     ".venv/bin/python bench/grpo_throughput.py --sizes smollm2 --steps 3 --warmup 1 --rounds 1": (
-        "SmolLM2-135M at ~60 s a step on 2 cores, from the registry wheel's cache"
+        "~13 min: SmolLM2-135M, TRL at ~80 s a step on 2 cores, from the registry wheel's cache"
     ),
-    ".venv/bin/python bench/grpo_throughput.py --workdir /tmp/grpo_bench2": "~7 min on 2 cores",
+    ".venv/bin/python bench/grpo_throughput.py --rounds 3 --steps 10 --workdir /tmp/gb1": "~6 min on 2 cores",
     "OMP_NUM_THREADS=1 .venv/bin/python bench/grpo_gain.py --seeds 0 1 2 train.max_steps=30": (
         "three SFT + GRPO runs, 10-15 min on 2 cores"
     ),
