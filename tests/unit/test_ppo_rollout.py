@@ -55,11 +55,15 @@ def test_top_p_of_one_keeps_every_token() -> None:
     assert torch.equal(top_p_filter(logits, 1.0), logits)
 
 
-def test_rows_sharing_a_prompt_continue_it_as_a_row_of_its_own_would() -> None:
+def _tiny_model() -> torch.nn.Module:
     config = AutoConfig.from_pretrained(REPO_ROOT / "align" / "assets" / "tiny")
     config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2})
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_rows_sharing_a_prompt_continue_it_as_a_row_of_its_own_would() -> None:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+    model = _tiny_model()
     prompts = [[5, 6, 7, 8, 9], [10, 11], [5, 6, 7, 8, 9], [10, 11], [10, 11], [12, 13, 14]]
     batch_sizes = []
     model.register_forward_pre_hook(
@@ -100,9 +104,7 @@ def test_a_model_that_ignores_the_kv_cache_is_stopped_before_it_samples_blind() 
             kwargs.pop("past_key_values", None)
             return self.inner(**kwargs)
 
-    config = AutoConfig.from_pretrained(REPO_ROOT / "align" / "assets" / "tiny")
-    config.update({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2})
-    model = DropsTheCache(AutoModelForCausalLM.from_config(config))
+    model = DropsTheCache(_tiny_model())
     with pytest.raises(RuntimeError, match="did not fill the KV cache"):
         sample(model, [[5, 6, 7]], pad_id=0, eos_ids=[2], max_new_tokens=4, temperature=1.0, top_p=1.0,
                device=torch.device("cpu"))  # fmt: skip
