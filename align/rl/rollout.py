@@ -88,6 +88,12 @@ def sample(
         response = _sample_tokens(model, prompt_ids, prompt_mask, pad_id, eos_ids, max_new_tokens, temperature, top_p)
     finally:
         model.train(was_training)
+    return make_rollout(prompt_ids, prompt_mask, response, pad_id, eos_ids)
+
+
+def make_rollout(prompt_ids: Tensor, prompt_mask: Tensor, response: Tensor, pad_id: int, eos_ids: list[int]) -> Rollout:
+    """Left-padded ``[N, P]`` prompts and ``[N, R]`` sampled ids -> a Rollout, each response cut after
+    its first end-of-turn or EOS token."""
     prompt_len = prompt_ids.shape[1]
     response_mask = response_mask_after_eos(response, eos_ids)
     # Everything after the first EOS is padding, whatever was sampled there.

@@ -56,6 +56,7 @@ from align.rl.placement import Placement, TrainedModel
 from align.rl.reward_fns import Episodes, import_reward_fn
 from align.rl.rewards import per_token_rewards, shaped_scores
 from align.rl.rollout import Rollout, rollout_episodes, sample
+from align.rl.vllm_engine import VLLMEngine, check_available, logp_gap, request_seeds
 from align.run import plan, rundir
 from align.run.distributed import build_deepspeed_config, world_info
 from align.run.lineage import build_manifest, parent_entry, recipe_entry, save_manifest
@@ -144,6 +145,8 @@ def run(config: AlignConfig) -> dict[str, float]:
         value = placement.trained(value_model, *make_optimizer(value_model, ppo.value_lr, config, steps))
     reference, reward_model = placement.frozen(reference), placement.frozen(reward_model)
 
+    engine = make_engine(config, policy, accelerator, sampling) if config.rollout.engine == "vllm" else None
+
     kl_ctl = (
         AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         if ppo.adaptive_kl
@@ -175,18 +178,22 @@ def run(config: AlignConfig) -> dict[str, float]:
         batch = [prompts[i] for i in sampler.next_indices()]
         prompt_ids = [row["prompt_input_ids"] for row in batch for _ in range(ppo.responses_per_prompt)]
 
-        # 1. Rollout (under ZeRO-3 the policy is gathered once for the whole batch).
-        with policy.for_generation() as whole_policy, models.autocast(sampling, accelerator.device):
-            rollout = sample(
-                whole_policy,
-                prompt_ids,
-                pad_id=tokenizer.pad_token_id,
-                eos_ids=stop_ids,
-                max_new_tokens=ppo.max_new_tokens,
-                temperature=ppo.temperature,
-                top_p=ppo.top_p,
-                device=accelerator.device,
-            )
+        # 1. Rollout (under ZeRO-3 the policy is gathered once for the whole batch), or vLLM's.
+        how = dict(
+            pad_id=tokenizer.pad_token_id,
+            eos_ids=stop_ids,
+            max_new_tokens=ppo.max_new_tokens,
+            temperature=ppo.temperature,
+            top_p=ppo.top_p,
+            device=accelerator.device,
+        )
+        engine_logp = None
+        if engine is None:
+            with policy.for_generation() as whole_policy, models.autocast(sampling, accelerator.device):
+                rollout = sample(whole_policy, prompt_ids, **how)
+        else:
+            seeds = request_seeds(config.seed, step, accelerator.process_index, len(prompt_ids))
+            rollout, engine_logp = engine.sample(prompt_ids, policy.checkpoint_weights, seeds=seeds, **how)
         t_generate = time.perf_counter()
 
         # 2-3. Score, KL penalty, advantages. The critic warms up alone first (Qwen: 50 steps).
@@ -251,6 +258,8 @@ def run(config: AlignConfig) -> dict[str, float]:
         policy_lr = policy.scheduler.get_last_lr()[0]  # the rate this step's policy update used
         if train_policy:  # frozen during the critic warm-up: its schedule starts when it trains
             policy.scheduler.step()
+            if engine is not None:
+                engine.stale()
         if value is not None:
             value.scheduler.step()
         # One controller on every rank: it is given the KL of all ranks' episodes (a collective).
@@ -279,6 +288,7 @@ def run(config: AlignConfig) -> dict[str, float]:
             ),
             "ppo/policy_trained": float(train_policy),
             "ppo/lr": policy_lr,
+            **(logp_gap(engine_logp, old_logp, mask) if engine_logp is not None else {}),
             **stats,
             "time/generate": t_generate - t0,
             "time/score": t_score - t_generate,
@@ -374,11 +384,40 @@ def check_config(config: AlignConfig) -> None:
         )
     if ppo.ptx_coef > 0 and not ppo.ptx_data:
         raise ConfigError("ppo.ptx_coef > 0 needs ppo.ptx_data=<sft recipe>")
+    rollout = config.rollout
+    if rollout.engine not in ("hf", "vllm"):
+        raise ConfigError(f"rollout.engine must be hf or vllm, not '{rollout.engine}'")
+    if not 0 < rollout.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1], not {rollout.gpu_memory_utilization}")
+    if rollout.kv_cache_gb is not None and rollout.kv_cache_gb <= 0:
+        raise ConfigError(f"rollout.kv_cache_gb must be above 0, not {rollout.kv_cache_gb}")
+    if rollout.engine == "vllm":
+        check_available()
     if ppo.max_new_tokens >= config.train.max_length:
         raise ConfigError(
             f"ppo.max_new_tokens={ppo.max_new_tokens} leaves no room for a prompt in "
             f"train.max_length={config.train.max_length} (an episode is prompt + response)"
         )
+
+
+def make_engine(config: AlignConfig, policy: TrainedModel, accelerator: Accelerator, precision: str) -> VLLMEngine:
+    """The vLLM rollout engine of this rank, for the policy's architecture and vocabulary."""
+    import vllm
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    engine = VLLMEngine(
+        models.unwrap_model(policy.module).config,
+        cfg=config.rollout,
+        dtype=dtype,
+        max_model_len=config.train.max_length,
+        temperature=config.ppo.temperature,
+        device=accelerator.device,
+        rank=accelerator.process_index,
+        local_rank=accelerator.local_process_index,
+        world_size=accelerator.num_processes,
+    )
+    log.info("rollout: vLLM %s in this process (%s, log-probs %s)", vllm.__version__, dtype, engine.logprobs_mode)
+    return engine
 
 
 def deepspeed_config(config: AlignConfig) -> dict[str, Any] | None:

@@ -208,6 +208,11 @@ STAGE_CASES = {
                                     ["stage=ppo", "ppo.reward_model={bad}/foreign_rm"]),
     "ppo rollout not divisible": ("ConfigError", "train.batch_size=2", [*PPO, "ppo.prompts_per_step=3",
                                   "ppo.responses_per_prompt=1", "train.batch_size=2"]),
+    "unknown rollout engine": ("ConfigError", "rollout.engine must be hf or vllm, not 'sglang'",
+                               [*PPO, "rollout.engine=sglang"]),
+    # The test environment has no vLLM (its tests run in a venv of their own: tests/vllm/).
+    "vllm engine not installed": ("ConfigError", "rollout.engine=vllm needs vLLM in this environment",
+                                  [*PPO, "rollout.engine=vllm"]),
     "ppo policy missing": ("ModelError", "'{bad}/nowhere' does not exist", [*PPO, "ppo.policy={bad}/nowhere"]),
     "ppo policy a LoRA adapter": ("ModelError", "'{bad}/lora_final' holds a LoRA adapter",
                                   [*PPO, "ppo.policy={bad}/lora_final"]),
