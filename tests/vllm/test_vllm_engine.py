@@ -12,7 +12,7 @@ import torch
 
 from align.config import REPO_ROOT, ModelConfig, RolloutConfig
 from align.modeling import models
-from align.modeling.chat import stop_token_ids
+from align.modeling.chat import encode, render, stop_token_ids
 from align.modeling.rows import make_rows
 from align.rl.forward import disable_dropout, response_logprobs
 from align.rl.rollout import top_p_filter
@@ -42,8 +42,7 @@ def setup():
         world_size=1,
     )
     texts = ["sort 3 1 2", "hello", "what is two plus two? answer briefly please", "x"]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
-    prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
+    prompts = [encode(tokenizer, render(tokenizer, [{"role": "user", "content": t}], True)) for t in texts]
     return model, tokenizer, engine, prompts
 
 
