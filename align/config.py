@@ -246,6 +246,10 @@ class RolloutConfig:
     sleep: bool = True
     """vllm on a GPU: free vLLM's weights and KV cache while the trainer updates (vLLM's sleep mode,
     level 2); they come back, with the new weights, before the next rollout. Ignored on a CPU."""
+    tensor_parallel_size: int = 1
+    """vllm: ranks that share one engine, sharded across them (consecutive ranks, e.g. a node's
+    GPUs); the group samples its ranks' prompts together and each rank keeps its own. 1: an
+    engine per rank."""
 
 
 # The loss_type values of TRL 1.16's DPOConfig, and those of them that read label_smoothing

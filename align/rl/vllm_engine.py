@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 
@@ -61,13 +62,15 @@ class VLLMEngine:
         from vllm import LLM
 
         on_gpu = device.type == "cuda"
+        self.tp_group = tensor_parallel_group(cfg.tensor_parallel_size, world_size)
         # vLLM joins the world torchrun (or a single process) set up, as the `external_launcher`
         # backend expects, and must run in this process to be given the trainer's tensors.
         os.environ.update(
             RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size), VLLM_ENABLE_V1_MULTIPROCESSING="0"
         )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        if "MASTER_PORT" not in os.environ:  # a single process: two runs on one machine must not meet
+            os.environ["MASTER_PORT"] = str(free_port())
         # On a CPU vLLM would otherwise pin OpenMP threads to cores, under the trainer's threads too.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         kv_gb = cfg.kv_cache_gb if cfg.kv_cache_gb is not None else (None if on_gpu else CPU_KV_CACHE_GB)
@@ -88,6 +91,7 @@ class VLLMEngine:
             dtype=dtype,
             max_model_len=max_model_len,
             seed=0,  # unused: every request has its own seed
+            tensor_parallel_size=cfg.tensor_parallel_size,
             logprobs_mode=self.logprobs_mode,
             distributed_executor_backend="external_launcher",
             gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -149,7 +153,17 @@ class VLLMEngine:
             )
             for seed in seeds
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        # A tensor-parallel engine is one engine on several ranks: each must submit the same requests.
+        own = slice(0, len(prompts))
+        requests = list(zip(prompts, params, strict=True))
+        if self.tp_group is not None:
+            shares: list = [None] * torch.distributed.get_world_size(self.tp_group)
+            torch.distributed.all_gather_object(shares, requests, group=self.tp_group)
+            start = sum(len(share) for share in shares[: torch.distributed.get_rank(self.tp_group)])
+            own, requests = slice(start, start + len(prompts)), [r for share in shares for r in share]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p, _ in requests], [sp for _, sp in requests], use_tqdm=False
+        )[own]
         if self.sleep:
             self.llm.sleep(level=2)
             self.has_weights = False  # level 2 drops them
@@ -167,6 +181,21 @@ class VLLMEngine:
         prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
         rollout = make_rollout(prompt_ids, prompt_mask, response.to(device), pad_id, eos_ids)
         return rollout, engine_logp.to(device) * rollout.response_mask
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tensor_parallel_group(size: int, world_size: int):
+    """This rank's group of `size` consecutive ranks (every rank makes every group, as torch
+    requires); None without tensor parallelism."""
+    if size == 1:
+        return None
+    groups = [list(range(start, start + size)) for start in range(0, world_size, size)]
+    return torch.distributed.new_subgroups_by_enumeration(groups)[0]
 
 
 def request_seeds(seed: int, step: int, rank: int, n: int) -> list[int]:

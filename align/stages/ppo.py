@@ -389,10 +389,17 @@ def check_config(config: AlignConfig) -> None:
         raise ConfigError(f"rollout.engine must be hf or vllm, not '{rollout.engine}'")
     if not 0 < rollout.gpu_memory_utilization <= 1:
         raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1], not {rollout.gpu_memory_utilization}")
+    if rollout.tensor_parallel_size < 1:
+        raise ConfigError(f"rollout.tensor_parallel_size must be at least 1, not {rollout.tensor_parallel_size}")
     if rollout.kv_cache_gb is not None and rollout.kv_cache_gb <= 0:
         raise ConfigError(f"rollout.kv_cache_gb must be above 0, not {rollout.kv_cache_gb}")
     if rollout.engine == "vllm":
         check_available()
+    world, tp = world_info()[1], rollout.tensor_parallel_size
+    if tp > 1 and rollout.engine != "vllm":
+        raise ConfigError(f"rollout.tensor_parallel_size={tp} shards a vLLM engine: it needs rollout.engine=vllm")
+    if world % tp:
+        raise ConfigError(f"rollout.tensor_parallel_size={tp} does not divide the {world} ranks")
     if ppo.max_new_tokens >= config.train.max_length:
         raise ConfigError(
             f"ppo.max_new_tokens={ppo.max_new_tokens} leaves no room for a prompt in "

@@ -210,6 +210,8 @@ STAGE_CASES = {
                                   "ppo.responses_per_prompt=1", "train.batch_size=2"]),
     "unknown rollout engine": ("ConfigError", "rollout.engine must be hf or vllm, not 'sglang'",
                                [*PPO, "rollout.engine=sglang"]),
+    "tensor parallel without vLLM": ("ConfigError", "rollout.tensor_parallel_size=2 shards a vLLM engine",
+                                     [*PPO, "rollout.tensor_parallel_size=2"]),
     # The test environment has no vLLM (its tests run in a venv of their own: tests/vllm/).
     "vllm engine not installed": ("ConfigError", "rollout.engine=vllm needs vLLM in this environment",
                                   [*PPO, "rollout.engine=vllm"]),
