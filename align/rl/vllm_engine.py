@@ -10,7 +10,6 @@ a resumed run, whose engine is new, samples what the uninterrupted run sampled.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import tempfile
@@ -23,8 +22,6 @@ from align.config import RolloutConfig
 from align.errors import ConfigError
 from align.rl.masked import masked_mean
 from align.rl.rollout import Rollout, left_pad, make_rollout
-
-log = logging.getLogger("align.rl")
 
 INSTALL_HINT = (
     "rollout.engine=vllm needs vLLM in this environment: on a GPU machine `pip install -e '.[vllm]'`, on a CPU "

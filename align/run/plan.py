@@ -80,6 +80,10 @@ def _numbers(config: AlignConfig) -> list[str]:
             lines.append(f"advantage: {_value(config, 'ppo.advantage')}, no value model")
         where = "in the reward" if ppo.kl_in == "reward" else "in the loss (k3)"
         lines.append(f"kl:        {_value(config, 'ppo.kl_coef')} {where} [{origin(config, 'ppo.kl_in')}]")
+        sampler = _value(config, "rollout.engine")
+        if config.rollout.engine == "vllm" and config.rollout.tensor_parallel_size > 1:
+            sampler += f", sharded over {_value(config, 'rollout.tensor_parallel_size', ' ranks')}"
+        lines.append(f"rollout:   {sampler}")
         lines.append(
             f"batch:     {_value(config, 'ppo.prompts_per_step', ' prompts')} x "
             f"{_value(config, 'ppo.responses_per_prompt', ' responses')} = {episodes} episodes per device x {world} "

@@ -173,20 +173,20 @@ def run(config: AlignConfig) -> dict[str, float]:
         initial=start_step,
         total=steps,
     )
+    how = dict(
+        pad_id=tokenizer.pad_token_id,
+        eos_ids=stop_ids,
+        max_new_tokens=ppo.max_new_tokens,
+        temperature=ppo.temperature,
+        top_p=ppo.top_p,
+        device=accelerator.device,
+    )
     for step in bar:
         t0 = time.perf_counter()
         batch = [prompts[i] for i in sampler.next_indices()]
         prompt_ids = [row["prompt_input_ids"] for row in batch for _ in range(ppo.responses_per_prompt)]
 
         # 1. Rollout (under ZeRO-3 the policy is gathered once for the whole batch), or vLLM's.
-        how = dict(
-            pad_id=tokenizer.pad_token_id,
-            eos_ids=stop_ids,
-            max_new_tokens=ppo.max_new_tokens,
-            temperature=ppo.temperature,
-            top_p=ppo.top_p,
-            device=accelerator.device,
-        )
         engine_logp = None
         if engine is None:
             with policy.for_generation() as whole_policy, models.autocast(sampling, accelerator.device):

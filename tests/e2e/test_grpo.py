@@ -26,7 +26,8 @@ def test_grpo_raises_the_reward_with_no_value_model(run_align, tmp_path):
     # The brevity reward from a random policy at lr 3e-4: 20 steps took the mean reward of 5 steps
     # from 0.03 to 0.76 (measured 2026-12-04 on ce13cb6; grpo_tiny's lr 1e-4 moved it less).
     run_align("stage=grpo", BREVITY, "train.max_steps=20", "train.lr=3e-4", f"output_dir={out}")
-    assert "advantage: grpo [stage], no value model" in (out / "cli.log").read_text()
+    said = (out / "cli.log").read_text()
+    assert "advantage: grpo [stage], no value model" in said and "rollout:   hf [default]" in said
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, 21))
     rewards = [r["ppo/reward_raw"] for r in log]
