@@ -102,7 +102,12 @@ def test_update_reusing_the_scoring_forward_equals_a_fresh_forward(packed):
             # Its true gradient is 0 (a key bias shifts all of a query's scores alike, and softmax
             # ignores shifts), so Adam steps on rounding noise, which summation order changes.
             continue
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        # Adam divides a gradient by its own scale, so an element whose gradient is near 0 can step
+        # on rounding alone (one weight of 8,192 moved 2e-6 apart on an AMD EPYC); never more than
+        # Adam's step, lr per optimizer step, and everywhere else to float rounding.
+        far = ~torch.isclose(a, b, rtol=1e-5, atol=1e-6)
+        assert far.sum() <= max(1, a.numel() // 1000), (name, int(far.sum()))
+        assert (a - b).abs().max() <= 2 * config.train.lr * config.ppo.epochs, name
     moved = max(
         (a - b).abs().max().item()
         for a, b in zip(trained["reused"][0].module.parameters(), policy.parameters(), strict=True)
