@@ -7,6 +7,9 @@ Runs in the vLLM environment only (`pytest -m vllm`, see README): vLLM pins its 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -124,3 +127,54 @@ def test_the_gap_shows_an_update_the_engine_was_not_given(setup):
     print(skipped, synced)
     assert synced["rollout/logp_gap_max"] < 1e-5
     assert skipped["rollout/logp_gap_mean"] > 100 * synced["rollout/logp_gap_max"]
+
+
+class RecordingLLM:
+    """vLLM's `LLM` as the engine drives it, recording the calls: its sleep mode needs a GPU."""
+
+    calls: ClassVar[list[str]] = []
+
+    def __init__(self, **kwargs):
+        self.calls.clear()
+        self.calls.append(f"build sleep={kwargs['enable_sleep_mode']}")
+
+    def sleep(self, level):
+        self.calls.append(f"sleep {level}")
+
+    def wake_up(self, tags):
+        self.calls.append(f"wake {','.join(tags)}")
+
+    def collective_rpc(self, method, kwargs):
+        self.calls.append(f"{method} {len(list(kwargs['weights_iterator']))} tensors")
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+    def generate(self, prompts, params, use_tqdm):
+        self.calls.append(f"generate {len(prompts)}")
+        sample = SimpleNamespace(token_ids=[7, 2], logprobs=[{7: SimpleNamespace(logprob=-1.0)},
+                                                             {2: SimpleNamespace(logprob=-2.0)}])  # fmt: skip
+        return [SimpleNamespace(outputs=[sample]) for _ in prompts]
+
+
+def test_on_a_gpu_the_engine_sleeps_through_each_update_and_wakes_with_the_new_weights(monkeypatch, setup):
+    """Sleep mode level 2 drops the weights: every rollout first wakes them, loads the policy's (even
+    when it did not change), then wakes the KV cache, and the engine sleeps again after sampling."""
+    import vllm
+
+    model = setup[0]
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    engine = VLLMEngine(model.config, cfg=RolloutConfig(engine="vllm"), dtype="bfloat16", max_model_len=64,
+                        temperature=1.0, device=torch.device("cuda"), rank=0, local_rank=0, world_size=1)  # fmt: skip
+    tensors = len(list(checkpoint_weights(model)))
+    rollout_calls = ["wake weights", f"reload_weights {tensors} tensors", "reset_prefix_cache", "wake kv_cache",
+                     "generate 2", "sleep 2"]  # fmt: skip
+    how = dict(seeds=[1, 2], pad_id=0, eos_ids=[2], max_new_tokens=4, temperature=1.0, top_p=1.0, device=CPU)
+    for _ in range(2):  # the second rollout, with no update between, still reloads
+        rollout, logp = engine.sample([[5, 6], [7]], lambda: checkpoint_weights(model), **how)
+    assert RecordingLLM.calls == ["build sleep=True", "sleep 2", *rollout_calls, *rollout_calls]
+    assert rollout.ended_with_eos.all() and logp.tolist() == [[-1.0, -2.0], [-1.0, -2.0]]
+    # On a CPU vLLM has no sleep mode: the engine never asks for it.
+    cpu = VLLMEngine(model.config, cfg=RolloutConfig(engine="vllm"), dtype="float32", max_model_len=64,
+                     temperature=1.0, device=CPU, rank=0, local_rank=0, world_size=1)  # fmt: skip
+    assert not cpu.sleep and RecordingLLM.calls == ["build sleep=False"]
