@@ -100,6 +100,11 @@ class VLLMEngine:
         if self.sleep:
             self.llm.sleep(level=2)
 
+    @property
+    def tensor_parallel_size(self) -> int:
+        """How many ranks the engine is sharded over, as vLLM set itself up."""
+        return self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+
     def load(self, weights: Iterator[tuple[str, Tensor]]) -> None:
         """Replace the engine's weights with ``weights`` (checkpoint names, any order, read once)."""
         if self.sleep:

@@ -423,7 +423,13 @@ def make_engine(config: AlignConfig, policy: TrainedModel, accelerator: Accelera
         local_rank=accelerator.local_process_index,
         world_size=accelerator.num_processes,
     )
-    log.info("rollout: vLLM %s in this process (%s, log-probs %s)", vllm.__version__, dtype, engine.logprobs_mode)
+    log.info(
+        "rollout: vLLM %s in this process (%s, log-probs %s, tensor parallel %d)",
+        vllm.__version__,
+        dtype,
+        engine.logprobs_mode,
+        engine.tensor_parallel_size,
+    )
     return engine
 
 

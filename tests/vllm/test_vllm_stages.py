@@ -45,7 +45,7 @@ def test_ppo_with_lora_samples_from_each_update(run_align, tmp_path):
     assert (out / "final" / "adapter_model.safetensors").is_file()
     said = (out / "cli.log").read_text()
     assert "rollout:   vllm [override]" in said  # the start-up plan
-    assert "rollout: vLLM 0.32.0 in this process (float32, log-probs raw_logprobs)" in said
+    assert "rollout: vLLM 0.32.0 in this process (float32, log-probs raw_logprobs, tensor parallel 1)" in said
 
 
 def test_a_resumed_run_samples_and_trains_as_the_uninterrupted_one(run_align, tmp_path):
