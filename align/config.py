@@ -318,8 +318,8 @@ class AlignConfig:
     """Where the run writes config.yaml, metrics.json, log.jsonl, final/ and checkpoints/."""
     seed: int = 42
     resume: str = "auto"
-    """'auto' continues from the newest complete checkpoint in output_dir, 'never' starts fresh,
-    or a path to a checkpoint directory."""
+    """'auto' continues from the newest complete checkpoint in output_dir (and its log.jsonl),
+    'never' starts fresh (log.jsonl replaced), or a path to a checkpoint directory."""
     dry_run: bool = False
     """Print the resolved plan and exit before loading weights."""
     stage_preset: str | None = None

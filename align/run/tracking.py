@@ -75,7 +75,8 @@ class Tracker:
         if not is_main:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._log_file = (output_dir / "log.jsonl").open("a")
+        # A resumed run goes on with the log it left; a fresh start (resume=never) replaces it.
+        self._log_file = (output_dir / "log.jsonl").open("w" if config.resume == "never" else "a")
         if config.logger.backend == "wandb":
             import wandb
 

@@ -126,3 +126,14 @@ def test_scrub_drops_credentials_but_keeps_token_counts(monkeypatch):
         "db_password": "<redacted>",
         "ppo": {"max_new_tokens": 128, "tokenizer": "tiny", "note": "<redacted>"},
     }
+
+
+@pytest.mark.parametrize(("resume", "steps"), [("never", [1]), ("auto", [1, 1])])
+def test_a_fresh_start_replaces_the_log_a_resume_continues_it(tmp_path, resume, steps):
+    for _ in range(2):  # the same output_dir twice
+        config = _config(tmp_path, "none")
+        config.resume = resume
+        tracker = Tracker(config, tmp_path)
+        tracker.log({"train/loss": 1.0}, step=1)
+        tracker.finish({})
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == steps
